@@ -1,0 +1,151 @@
+"""The Stage role: what an analysis plugin is, and how plugins are found and checked.
+
+A stage is one step of the per-frame analysis (``frame_stats``, ``localize``, ``track``, ...).
+It does no I/O: the runner feeds it frames, and it returns :class:`Emission` objects that the
+engine stamps, publishes and (in ``analyze``) writes to result tables. A stage keeps its state in
+one object and may read what earlier stages produced for the same frame from ``products``.
+
+Plugins are found through the entry-point group ``scopestream.stages``; each entry point names a
+:class:`StagePlugin`. Built-in stages are registered the same way as third-party ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+from pydantic import BaseModel
+
+from scopestream.daemon._frames import Frame
+
+if TYPE_CHECKING:
+    from scopestream.daemon._config import ScopestreamConfig
+
+ENTRY_POINT_GROUP = "scopestream.stages"
+
+
+@dataclass(frozen=True, slots=True)
+class Emission:
+    """Something a stage wants published.
+
+    Attributes
+    ----------
+    topic
+        The event topic (ASCII), e.g. ``"localizations"``. Must be declared in the plugin's
+        ``topics`` so that its body model is part of the published JSON Schema.
+    body
+        The message body, an instance of the pydantic model declared for ``topic``.
+    arrays
+        Named numeric arrays sent as raw buffers after the body (their dtype and shape go in the
+        header). For tables, use 1-D arrays of one length: one element per row.
+    frame_seq
+        The frame this emission derives from (``Frame.seq``), or None.
+    t_acquired
+        Acquisition time (Unix seconds) of that frame, or None.
+    """
+
+    topic: str
+    body: BaseModel
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+    frame_seq: int | None = None
+    t_acquired: float | None = None
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """An analysis step, fed one frame at a time, in order, from one thread.
+
+    ``process`` returns the emissions for this frame (possibly none) and may store a product in
+    ``products[name]`` for later stages of the same frame (e.g. ``localize`` stores its table and
+    ``track`` reads it). A stage that raises is logged and counted; the run goes on.
+
+    Optional methods, looked up with ``getattr``:
+
+    - ``teardown() -> Sequence[Emission]``: the run is ending; flush (e.g. end all open tracks).
+    - ``apply_settings(settings) -> None``: new settings (same model as at construction) that the
+      control channel changed at run time; called between frames.
+    - ``counters() -> Mapping[str, int]``: running totals the stage wants exported as metrics
+      (e.g. windows skipped), named with units.
+    """
+
+    name: str
+
+    def process(self, frame: Frame, products: MutableMapping[str, Any]) -> Sequence[Emission]:
+        """Analyse one frame."""
+        ...
+
+
+StageFactory = Callable[["ScopestreamConfig", BaseModel], Stage]
+
+
+@dataclass(frozen=True)
+class StagePlugin:
+    """What an entry point in ``scopestream.stages`` names.
+
+    Attributes
+    ----------
+    name
+        The stage name used in the config's ``stages`` list and as its settings section key.
+    settings_model
+        Pydantic model of the stage's settings section (``<name>.*`` in the configuration); every
+        field has a default, a unit in its name where it has one, and a description.
+    build
+        ``build(config, settings) -> Stage``.
+    topics
+        Topic name -> body model, for every topic the stage publishes.
+    requires
+        Stages that must run before this one in the same pipeline (their products are read).
+    runtime_settable
+        Settings fields that ``set`` over the control channel may change while running.
+    tables
+        Topic -> result table file name written by ``analyze`` (e.g. ``{"track": "tracks.csv"}``).
+    description
+        One line for listings.
+    """
+
+    name: str
+    settings_model: type[BaseModel]
+    build: StageFactory
+    topics: Mapping[str, type[BaseModel]] = field(default_factory=dict)
+    requires: tuple[str, ...] = ()
+    runtime_settable: frozenset[str] = frozenset()
+    tables: Mapping[str, str] = field(default_factory=dict)
+    description: str = ""
+
+
+def installed_stage_plugins() -> dict[str, StagePlugin]:
+    """Every stage plugin registered in the entry-point group, by name.
+
+    Raises
+    ------
+    TypeError
+        If an entry point does not name a :class:`StagePlugin`, or its name disagrees.
+    """
+    plugins: dict[str, StagePlugin] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        plugin = ep.load()
+        if not isinstance(plugin, StagePlugin):
+            raise TypeError(
+                f"entry point {ep.name!r} ({ep.value}) in group {ENTRY_POINT_GROUP!r} must name a "
+                f"scopestream.daemon.StagePlugin, not {type(plugin).__name__}"
+            )
+        if plugin.name != ep.name:
+            raise TypeError(
+                f"entry point {ep.name!r} ({ep.value}) names a StagePlugin called {plugin.name!r}"
+            )
+        plugins[plugin.name] = plugin
+    return plugins
+
+
+def build_stage(plugin: StagePlugin, config: ScopestreamConfig, settings: BaseModel) -> Stage:
+    """Build a stage and check that it fits the :class:`Stage` protocol."""
+    stage = plugin.build(config, settings)
+    if not isinstance(stage, Stage):
+        raise TypeError(
+            f"stage plugin {plugin.name!r} built a {type(stage).__name__}, which does not fit the "
+            "Stage protocol (needs a `name` attribute and `process(frame, products)`)"
+        )
+    return stage

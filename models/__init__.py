@@ -1,0 +1,1 @@
+"""Networks: definitions, training on simulated data, export, inference backends."""
