@@ -99,6 +99,10 @@ class EventsConfig(_Section):
     endpoint: str = Field("tcp://127.0.0.1:5556", description="ZeroMQ PUB endpoint that events are published on.")
     send_hwm_messages: int = Field(10000, ge=1, description="PUB send high-water mark per subscriber, messages; beyond it a slow subscriber loses messages, acquisition never waits.")
     heartbeat_interval_s: float = Field(1.0, gt=0, description="Seconds between heartbeat events.")
+    wait_for_subscriber_s: float = Field(
+        0.0, ge=0,
+        description="Before starting, wait up to this long for a subscriber (one subscribed to all topics or to 'welcome'), so it sees run_start; 0: start at once.",
+    )
 
 
 class ControlConfig(_Section):

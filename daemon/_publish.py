@@ -1,0 +1,183 @@
+"""From emissions to the wire: the router stamps per-topic sequence numbers, the sinks deliver.
+
+The ZeroMQ socket is owned by one thread (:class:`ZmqPublisher`); every other thread hands it
+envelopes through a queue, so a slow subscriber (PUB high-water mark) or a slow encoder never
+blocks the camera thread or the stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import zmq
+from pydantic import BaseModel
+
+from scopestream.daemon._messages import SCHEMA_VERSION, Header, encode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """An emission stamped with its run and per-topic sequence number."""
+
+    run_id: str
+    topic: str
+    seq: int
+    body: BaseModel
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+    frame_seq: int | None = None
+    t_acquired: float | None = None
+
+    def header(self, t_published: float) -> Header:
+        return Header(
+            schema_version=SCHEMA_VERSION,
+            run_id=self.run_id,
+            topic=self.topic,
+            seq=self.seq,
+            frame_seq=self.frame_seq,
+            t_acquired=self.t_acquired,
+            t_published=t_published,
+        )
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Receives every envelope of a run, in order per topic. Must not block for long."""
+
+    def handle(self, envelope: Envelope) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class EventRouter:
+    """Stamps envelopes (per-topic ``seq`` from 0, no gaps) and hands them to the sinks.
+
+    Thread-safe: the camera thread, the stage thread and the heartbeat thread all publish here.
+    """
+
+    def __init__(self, run_id: str, sinks: Sequence[Sink]) -> None:
+        self.run_id = run_id
+        self._sinks = list(sinks)
+        self._seq: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def sinks(self) -> list[Sink]:
+        return list(self._sinks)
+
+    def publish(
+        self,
+        topic: str,
+        body: BaseModel,
+        arrays: Mapping[str, np.ndarray] | None = None,
+        frame_seq: int | None = None,
+        t_acquired: float | None = None,
+    ) -> None:
+        with self._lock:
+            seq = self._seq.get(topic, 0)
+            self._seq[topic] = seq + 1
+            env = Envelope(self.run_id, topic, seq, body, arrays or {}, frame_seq, t_acquired)
+            for sink in self._sinks:
+                sink.handle(env)
+
+    def close(self) -> None:
+        for sink in self._sinks:
+            sink.close()
+
+
+_CLOSE = object()
+
+
+class ZmqPublisher:
+    """A ZeroMQ XPUB socket on its own thread.
+
+    XPUB (rather than PUB) lets the daemon see subscriptions: each one is answered with a
+    ``welcome`` message (through ``on_subscribe``) so a subscriber knows when it is live, and a run
+    can wait for its first subscriber. Above the send high-water mark a subscriber loses messages;
+    the daemon never waits for it.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        send_hwm_messages: int,
+        context: zmq.Context | None = None,
+        on_sent: Callable[[str], None] | None = None,
+        on_subscribe: Callable[[str], None] | None = None,
+    ) -> None:
+        self._ctx = context or zmq.Context.instance()
+        self._socket = self._ctx.socket(zmq.XPUB)
+        self._socket.setsockopt(zmq.SNDHWM, send_hwm_messages)
+        self._socket.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self._socket.setsockopt(zmq.LINGER, 2000)
+        try:
+            self._socket.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self._socket.close(0)
+            raise OSError(f"cannot bind the event stream to {endpoint!r}: {exc}") from None
+        self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._on_sent = on_sent
+        self._on_subscribe = on_subscribe
+        self.subscriptions: dict[str, int] = {}
+        self.subscribed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scopestream-publisher", daemon=True)
+        self._thread.start()
+
+    def handle(self, envelope: Envelope) -> None:
+        self._queue.put(envelope)
+
+    def close(self) -> None:
+        """Send everything queued so far, then close the socket."""
+        self._queue.put(_CLOSE)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self._read_subscriptions()
+                try:
+                    item = self._queue.get(timeout=0.005)
+                except queue.Empty:
+                    continue
+                if item is _CLOSE:
+                    break
+                assert isinstance(item, Envelope)
+                self._send(item)
+        finally:
+            self._socket.close()
+
+    def _send(self, env: Envelope) -> None:
+        frames = encode(env.header(time.time()), env.body, env.arrays)
+        try:
+            self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=len(frames) <= 3)
+        except zmq.Again:  # pragma: no cover - XPUB drops at the HWM rather than raising
+            return
+        if self._on_sent is not None:
+            self._on_sent(env.topic)
+
+    def _read_subscriptions(self) -> None:
+        while True:
+            try:
+                msg = self._socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if not msg:
+                continue
+            prefix = msg[1:].decode("ascii", errors="replace")
+            if msg[0] == 1:
+                self.subscriptions[prefix] = self.subscriptions.get(prefix, 0) + 1
+                if prefix in ("", "welcome"):
+                    self.subscribed.set()
+                if self._on_subscribe is not None:
+                    self._on_subscribe(prefix)
+            elif msg[0] == 0 and self.subscriptions.get(prefix):
+                self.subscriptions[prefix] -= 1
