@@ -186,6 +186,13 @@ def _plugins() -> dict[str, StagePlugin]:
     return _PLUGIN_CACHE
 
 
+def register_stage_plugin(plugin: StagePlugin) -> None:
+    """Register a stage without an entry point (notebooks, tests). Entry points are preferred."""
+    if not isinstance(plugin, StagePlugin):
+        raise TypeError(f"register_stage_plugin takes a StagePlugin, not {type(plugin).__name__}")
+    _plugins()[plugin.name] = plugin
+
+
 def stage_plugins() -> dict[str, StagePlugin]:
     """The installed stage plugins (cached after the first look-up)."""
     return dict(_plugins())
