@@ -160,7 +160,7 @@ def encode(header: Header, body: BaseModel | Mapping[str, Any], arrays: Mapping[
         full.model_dump_json().encode(),
         body_json.encode(),
     ]
-    frames.extend(memoryview(a).cast("B") if a.size else b"" for a in wire.values())
+    frames.extend(a.data.cast("B") if a.size else b"" for a in wire.values())
     return frames
 
 

@@ -315,7 +315,7 @@ class MicroManagerSource:
                 sequence = useq.MDASequence.model_validate(src.mda_sequence)
             else:
                 loops = src.frames_limit or 2**31 - 1
-                sequence = useq.MDASequence(time_plan={"interval": 0, "loops": loops})
+                sequence = useq.MDASequence(time_plan=useq.TIntervalLoops(interval=0, loops=loops))
         except Exception as exc:
             raise ConfigError(f"source.mda_sequence: not a valid useq.MDASequence: {exc}") from None
         if not core.getShutterDevice():
@@ -423,6 +423,7 @@ class FileSource:
             tif.close()
             raise InputError(f"{str(self.path)!r}: only single-channel grey images are supported (shape {shape}, dtype {series.dtype})")
         height, width = shape[-2:]
+        frames: np.ndarray | _PageReader
         try:
             frames = tifffile.memmap(self.path, mode="r").reshape(-1, height, width)
         except (ValueError, OSError):
