@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from scopestream.daemon._stage import StagePlugin, installed_stage_plugins
 
-DEFAULT_STAGES: tuple[str, ...] = ("frame_stats",)
+DEFAULT_STAGES: tuple[str, ...] = ("frame_stats", "localize", "track", "diffusion")
 
 
 class ConfigError(ValueError):
@@ -164,7 +164,10 @@ class ScopestreamConfig(BaseModel):
                     f"{sorted([*type(self).model_fields, *plugins])}"
                 )
             if not isinstance(value, plugins[key].settings_model):
-                extra[key] = plugins[key].settings_model.model_validate(value)
+                try:
+                    extra[key] = plugins[key].settings_model.model_validate(value)
+                except ValidationError as exc:  # name the section: `localize.threshold_snr`
+                    raise ValueError(describe_validation_error(exc, prefix=key)) from None
         for name, plugin in plugins.items():
             extra.setdefault(name, plugin.settings_model())
         object.__setattr__(self, "__pydantic_extra__", extra)
@@ -291,11 +294,11 @@ def default_config_yaml() -> str:
     return yaml.safe_dump(config_to_dict(ScopestreamConfig()), sort_keys=False)
 
 
-def describe_validation_error(exc: ValidationError) -> str:
+def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """One paragraph naming each bad key, the value given and what is allowed."""
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "") or "(top level)"
         given = err.get("input")
         msg = err["msg"]
         if msg.startswith("Value error, "):
@@ -304,8 +307,8 @@ def describe_validation_error(exc: ValidationError) -> str:
             parts.append(f"{loc}: unknown key (given {given!r})")
         elif err["type"] == "missing":
             parts.append(f"{loc}: required")
-        elif isinstance(given, dict) and err["type"] == "value_error":
-            parts.append(f"{loc}: {msg}")
+        elif err["type"] == "value_error" and (isinstance(given, dict) or msg.startswith("invalid configuration: ")):
+            parts.append(msg.removeprefix("invalid configuration: ") if not loc or loc == "(top level)" else f"{loc}: {msg.removeprefix('invalid configuration: ')}")
         else:
             parts.append(f"{loc}: {msg} (given {given!r})")
-    return "invalid configuration: " + "; ".join(parts)
+    return ("" if prefix else "invalid configuration: ") + "; ".join(parts)

@@ -1,0 +1,198 @@
+"""Localization against exact ground truth (pixel-integrated Gaussian spots, Poisson noise)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from scopestream.daemon import Frame, installed_stage_plugins
+from scopestream.daemon._config import build_config
+from scopestream.plugins._gaussian_mle import (
+    fisher_crlb_px,
+    fit_mle,
+    mortensen_mle_variance_px2,
+    radial_symmetry_centres,
+)
+from scopestream.plugins.localize import Localizations, LocalizeSettings, LocalizeStage, locate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from spot_images import random_positions, render_spots, to_adu  # noqa: E402
+
+SIGMA = 1.3
+
+
+def _roi_stack(rng: np.random.Generator, n: int, photons: float, bg: float, roi: int = 7):
+    c = (roi - 1) / 2
+    tx = c + rng.uniform(-0.5, 0.5, n)
+    ty = c + rng.uniform(-0.5, 0.5, n)
+    stack = np.stack([render_spots((roi, roi), [tx[i]], [ty[i]], photons, SIGMA, bg) for i in range(n)])
+    return rng.poisson(stack).astype(float), tx, ty
+
+
+def test_mortensen_formula_matches_numeric_fisher_bound() -> None:
+    # Mortensen's closed form is the Fisher bound of the pixelated Gaussian up to ~1 %.
+    for n_ph, bg in ((1000, 100), (200, 100), (5000, 10)):
+        numeric = fisher_crlb_px(n_ph, bg, SIGMA)
+        closed = float(np.sqrt(mortensen_mle_variance_px2(n_ph, bg, SIGMA)))
+        assert closed == pytest.approx(numeric, rel=0.02)
+    # SCIENCE.md: 0.104 px at sigma 1.3 px, N 1000, b 100.
+    assert fisher_crlb_px(1000, 100, SIGMA) == pytest.approx(0.104, abs=0.001)
+
+
+def test_mle_reaches_the_cramer_rao_bound_without_bias() -> None:
+    rng = np.random.default_rng(7)
+    n = 3000
+    rois, tx, ty = _roi_stack(rng, n, 1000.0, 100.0)
+    fit = fit_mle(rois, SIGMA)
+    crlb = fisher_crlb_px(1000, 100, SIGMA, roi_px=7)
+    err = np.concatenate([fit.x_px - tx, fit.y_px - ty])
+    rmse = float(np.sqrt(np.mean(err**2)))
+    # The sample RMSE of 2n errors has relative SE 1/sqrt(2*2n); allow the MLE's 1.05x target
+    # plus 3 SE.
+    assert rmse <= crlb * (1.05 + 3 / np.sqrt(4 * n))
+    assert rmse >= crlb * (1 - 3 / np.sqrt(4 * n))  # cannot beat the bound
+    # Bias: |mean| within 3 SE of the mean (SE = rmse/sqrt(n)) and <= 0.01 px.
+    for e in (fit.x_px - tx, fit.y_px - ty):
+        assert abs(e.mean()) <= max(3 * rmse / np.sqrt(n), 0.01)
+    # Photons and background unbiased to a few standard errors.
+    assert fit.photons.mean() == pytest.approx(1000, rel=0.02)
+    assert fit.background.mean() == pytest.approx(100, rel=0.01)
+    # The reported per-spot bound equals the numeric one.
+    assert np.median(fit.crlb_x_px) == pytest.approx(crlb, rel=0.05)
+
+
+def test_radial_symmetry_is_close_to_the_bound() -> None:
+    rng = np.random.default_rng(8)
+    rois, tx, ty = _roi_stack(rng, 2000, 1000.0, 100.0)
+    xr, yr = radial_symmetry_centres(rois)
+    rmse = float(np.sqrt(np.mean(np.concatenate([xr - tx, yr - ty]) ** 2)))
+    assert rmse <= 1.15 * fisher_crlb_px(1000, 100, SIGMA)
+
+
+def _frame(rng, n_spots=60, shape=(256, 256), photons=1500.0, bg=50.0):
+    x, y = random_positions(rng, n_spots, shape, 0.0, 10.0)
+    expected = render_spots(shape, x, y, photons, SIGMA, bg)
+    return to_adu(rng, expected), x, y
+
+
+def _match(lx, ly, tx, ty, r=1.5):
+    d, j = cKDTree(np.column_stack([lx, ly])).query(np.column_stack([tx, ty]))
+    return d < r, j
+
+
+def test_locate_finds_every_spot_once() -> None:
+    rng = np.random.default_rng(1)
+    img, tx, ty = _frame(rng)
+    table = locate(img, psf_sigma_px=SIGMA)
+    hit, j = _match(table.x.values, table.y.values, tx, ty)
+    assert hit.all()  # includes spots on the image edge (margin 0)
+    # No duplicates (each true spot matched once) and at most one 5-sigma noise peak.
+    assert np.unique(j[hit]).size == len(tx)
+    assert len(table) <= len(tx) + 1
+    # Reported uncertainty vs actual error: chi^2 per coordinate ~ 1.
+    err = np.concatenate([table.x.values[j] - tx, table.y.values[j] - ty])
+    unc = np.concatenate([table.uncertainty_px.values[j]] * 2)
+    assert np.mean((err / unc) ** 2) == pytest.approx(1.0, abs=0.35)
+
+
+def test_no_detections_in_pure_noise() -> None:
+    rng = np.random.default_rng(2)
+    img = to_adu(rng, np.full((256, 256), 100.0))
+    # At threshold 5 SD the chance per local maximum is ~3e-7 (Gaussian tail): none expected.
+    assert len(locate(img, psf_sigma_px=SIGMA)) == 0
+
+
+def test_uneven_background_does_not_create_false_spots() -> None:
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:256, 0:256]
+    background = 20.0 + 300.0 * xx / 255.0 + 100 * np.exp(-((yy - 128) ** 2 + (xx - 60) ** 2) / (2 * 40.0**2))
+    x, y = random_positions(rng, 40, (256, 256), 5.0, 12.0)
+    img = to_adu(rng, render_spots((256, 256), x, y, 3000.0, SIGMA, background))
+    table = locate(img, psf_sigma_px=SIGMA)
+    hit, _ = _match(table.x.values, table.y.values, x, y)
+    assert hit.mean() >= 0.95
+    assert len(table) <= len(x) + 1
+
+
+def test_camera_model_converts_adu_to_photons() -> None:
+    rng = np.random.default_rng(4)
+    cfg = build_config({"camera": {"offset_adu": 400, "gain_e_per_adu": 2.0, "read_noise_e": 0.0}})
+    x, y = random_positions(rng, 30, (128, 128), 6.0, 14.0)
+    img = to_adu(rng, render_spots((128, 128), x, y, 2000.0, SIGMA, 30.0), offset_adu=400, gain_e_per_adu=2.0)
+    table = locate(img, cfg, psf_sigma_px=SIGMA)
+    assert table.photons.mean() == pytest.approx(2000, rel=0.03)
+    assert table.background.mean() == pytest.approx(30, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.zeros((64, 64), np.uint16),
+        np.full((64, 64), 300, np.uint16),
+        np.full((64, 64), 65535, np.uint16),
+    ],
+    ids=["zeros", "constant", "saturated"],
+)
+def test_degenerate_frames_give_no_localizations(image: np.ndarray) -> None:
+    assert len(locate(image, psf_sigma_px=SIGMA)) == 0
+
+
+def test_nan_pixels_are_tolerated_and_all_nan_rejected() -> None:
+    rng = np.random.default_rng(5)
+    img, tx, ty = _frame(rng, n_spots=20, shape=(128, 128))
+    f = img.astype(np.float32)
+    f[5:8, 100:103] = np.nan
+    table = locate(f, psf_sigma_px=SIGMA)
+    hit, _ = _match(table.x.values, table.y.values, tx, ty)
+    assert hit.mean() >= 0.9
+    with pytest.raises(ValueError, match="no finite pixel"):
+        locate(np.full((32, 32), np.nan), psf_sigma_px=SIGMA)
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.zeros((0, 0)), "empty"),
+        (np.zeros((3, 4, 5, 6)), "2-D"),
+        (np.zeros((32, 32), dtype=complex), "dtype"),
+        (np.zeros((4, 4), np.uint16), "smaller than the fitting region"),
+    ],
+)
+def test_bad_images_raise_clear_errors(image: np.ndarray, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        locate(image, psf_sigma_px=SIGMA)
+
+
+def test_impossible_settings_name_the_key() -> None:
+    with pytest.raises(ValueError, match="threshold_snr"):
+        locate(np.zeros((32, 32), np.uint16), threshold_snr=-1)
+    with pytest.raises(ValueError, match="roi_px"):
+        LocalizeSettings(roi_px=1)
+
+
+def test_stage_publishes_localizations_and_product() -> None:
+    assert installed_stage_plugins()["localize"].topics["localizations"].__name__ == "LocalizationsBody"
+    rng = np.random.default_rng(6)
+    img, tx, ty = _frame(rng, n_spots=10, shape=(96, 96))
+    cfg = build_config({"stages": ["localize"], "localize": {"psf_sigma_px": SIGMA}})
+    stage = LocalizeStage(cfg, cfg.stage_settings("localize"))  # type: ignore[arg-type]
+    products: dict = {}
+    (em,) = stage.process(Frame(seq=3, image=img, t_acquired=1.0), products)
+    locs = products["localize"]
+    assert isinstance(locs, Localizations) and len(locs) == 10 and locs.frame_seq == 3
+    assert em.topic == "localizations" and em.body.count == 10 and em.frame_seq == 3  # type: ignore[attr-defined]
+    assert set(em.arrays) == {"x", "y", "photons", "background", "sigma", "uncertainty_px"}
+    assert all(a.dtype == np.float64 and a.shape == (10,) for a in em.arrays.values())
+    with pytest.raises(ValueError, match="frame 4"):
+        stage.process(Frame(seq=4, image=np.zeros((2, 2), np.uint16), t_acquired=1.0), products)
+
+
+def test_fit_sigma_recovers_the_psf_width() -> None:
+    rng = np.random.default_rng(9)
+    rois, _, _ = _roi_stack(rng, 500, 3000.0, 20.0)
+    fit = fit_mle(rois, 1.0, fit_sigma=True)
+    assert np.median(fit.sigma_px) == pytest.approx(SIGMA, rel=0.02)
