@@ -1,0 +1,223 @@
+"""Camera noise model: photons -> photoelectrons -> (EM register) -> read noise -> ADU (uint16).
+
+For every pixel with expected photons ``lam`` (background plus signal):
+
+- photoelectrons ``n ~ Poisson(lam)`` (detected photons; quantum efficiency is folded into
+  the photon numbers);
+- EMCCD (``em_gain > 1``): ``e ~ Gamma(shape=n, scale=em_gain)`` (the high-gain model of the
+  multiplication register; excess noise factor 2), ``e = 0`` for ``n = 0``;
+- read noise: ``e += Normal(0, read_noise_e)``;
+- ``ADU = floor(e / gain_e_per_adu + offset_adu + 0.5)``, clipped to ``[0, saturation_adu]``.
+
+Mean ``offset + lam * em_gain / gain``; variance ``(F lam em_gain² + read²) / gain² + 1/12``
+(``F = 1`` sCMOS, 2 EMCCD, 1/12 from rounding when the read noise is wide compared with one ADU).
+
+Speed without approximation: the background is uniform, so a pixel that receives no signal has
+one fixed ADU distribution. Its probability table is computed exactly once (Poisson mixed with the
+Gaussian read noise, integrated over each ADU bin, clipping included) and every background pixel
+draws from it with one fresh 16-bit random number and a table look-up; the rare numbers that fall
+into a 1/65536 cell straddling a step of the cumulative distribution get fresh extra bits and an
+exact search. Pixels that do receive signal are then drawn again, through the full model above, with
+background plus signal. Each pixel's value is thus an independent draw from the exact model; no
+sample is reused. (With ``em_gain > 1`` the full model is used for every pixel, which is slower.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import ndtr
+from scipy.stats import poisson as poisson_distribution
+
+from scopestream.sim_camera._settings import Physics
+
+_CELLS = 65536
+
+
+class _TableSampler:
+    """Exact sampling of one discrete distribution by a 16-bit look-up table."""
+
+    def __init__(self, values: np.ndarray, pmf: np.ndarray) -> None:
+        cdf = np.cumsum(pmf)
+        cdf /= cdf[-1]
+        cdf[-1] = 1.0
+        self._cdf = cdf
+        self._values = values.astype(np.uint16)
+        m = len(cdf)
+        cells = np.arange(_CELLS, dtype=np.float64) / _CELLS
+        # Index drawn for u = j / M and for u just below (j + 1) / M: equal unless a step of the
+        # cumulative distribution falls inside cell j.
+        k_lo = np.minimum(np.searchsorted(cdf, cells, side="right"), m - 1)
+        k_hi = np.minimum(np.searchsorted(cdf, cells + 1.0 / _CELLS, side="left"), m - 1)
+        # A value outside the support marks the ambiguous cells.
+        self._sentinel = int(values[-1]) + 1 if int(values[-1]) < 65535 else int(values[0]) - 1
+        self._table = np.where(k_lo == k_hi, self._values[k_lo], self._sentinel).astype(np.uint16)
+
+    def sample(self, rng: np.random.Generator, n: int, out: np.ndarray) -> None:
+        """Fill ``out`` (1-D uint16, length n) with independent draws."""
+        raw = rng.bit_generator.random_raw((n + 3) // 4).view(np.uint16)[:n]
+        np.take(self._table, raw.astype(np.intp), out=out)
+        amb = np.flatnonzero(out == self._sentinel)
+        if amb.size:
+            # u = (j + v) / M with v ~ U(0, 1) fresh: exactly uniform given the cell j.
+            u = (raw[amb] + rng.random(amb.size)) / _CELLS
+            k = np.minimum(np.searchsorted(self._cdf, u, side="right"), len(self._cdf) - 1)
+            out[amb] = self._values[k]
+
+
+def poisson(rng: np.random.Generator, lam: np.ndarray) -> np.ndarray:
+    """Poisson draws (int64), fast for the many small means of PSF tails.
+
+    Means below 12 use exact inversion of the cumulative distribution (one uniform each,
+    vectorized over the shrinking set still searching); larger means use ``rng.poisson``.
+    """
+    lam = np.asarray(lam, dtype=np.float64)
+    out = np.zeros(lam.shape, dtype=np.int64)
+    flat_out = out.reshape(-1)
+    flat_lam = lam.reshape(-1)
+    big = flat_lam >= 12.0
+    if big.any():
+        flat_out[big] = rng.poisson(flat_lam[big])
+    small = np.flatnonzero(~big)
+    u = rng.random(small.size)
+    lam_s = flat_lam[small]
+    p = np.exp(-lam_s)
+    c = p.copy()
+    active = np.flatnonzero(u >= c)
+    k = 0
+    while active.size and k < 80:  # P(k > 80) < 1e-40 for means below 12
+        k += 1
+        p = p[active] * lam_s[active] / k
+        c = c[active] + p
+        u, lam_s, small = u[active], lam_s[active], small[active]
+        flat_out[small] = k
+        active = np.flatnonzero(u >= c)
+    return out
+
+
+class CameraNoise:
+    """The camera model of one simulator; draws from the simulator's generator.
+
+    Parameters
+    ----------
+    physics
+        Camera parameters (offset, gain, read noise, EM gain, saturation) and the background.
+    rng
+        Random generator.
+    """
+
+    def __init__(self, physics: Physics, rng: np.random.Generator) -> None:
+        self._p = physics
+        self._rng = rng
+        self.background_photons_per_px = physics.sim.background_photons_per_px
+        self._table: _TableSampler | None = None
+        self._count_table: _TableSampler | None = None
+        if physics.em_gain == 1.0:
+            values, pmf = self.background_adu_pmf()
+            self._table = _TableSampler(values, pmf)
+            lam = self.background_photons_per_px
+            n_max = int(lam + 12.0 * np.sqrt(lam) + 20.0)
+            if n_max < 65535:
+                counts = np.arange(n_max + 1)
+                self._count_table = _TableSampler(counts, poisson_distribution.pmf(counts, lam))
+
+    def background_adu_pmf(self) -> tuple[np.ndarray, np.ndarray]:
+        """Exact distribution of a background pixel's ADU value (without EM gain).
+
+        Returns
+        -------
+        values, pmf
+            ADU values and their probabilities.
+        """
+        p = self._p
+        lam = self.background_photons_per_px
+        g, off, sd, sat = p.gain_e_per_adu, p.offset_adu, p.read_noise_e, p.saturation_adu
+        n_max = int(lam + 12.0 * np.sqrt(lam) + 20.0)
+        n = np.arange(n_max + 1)
+        p_n = poisson_distribution.pmf(n, lam)
+        spread = 8.0 * sd + 1.0
+        a_lo = max(0, int(np.floor((-spread) / g + off)) - 1)
+        a_hi = min(sat, int(np.ceil((n_max + spread) / g + off)) + 1)
+        a = np.arange(a_lo, a_hi + 1)
+        # Electron interval that rounds to ADU a; the ends of the range absorb the clipped tails.
+        e_lo = (a - 0.5 - off) * g
+        e_hi = (a + 0.5 - off) * g
+        e_lo[0] = -np.inf
+        e_hi[-1] = np.inf
+        if sd > 0:
+            cdf_hi = ndtr((e_hi[None, :] - n[:, None]) / sd)
+            cdf_lo = ndtr((e_lo[None, :] - n[:, None]) / sd)
+        else:
+            cdf_hi = (n[:, None] < e_hi[None, :]).astype(float)
+            cdf_lo = (n[:, None] < e_lo[None, :]).astype(float)
+        pmf = p_n @ (cdf_hi - cdf_lo)
+        return a, pmf
+
+    def electrons_to_adu(self, electrons: np.ndarray, out: np.ndarray) -> int:
+        """Read noise, conversion, rounding and clipping into ``out`` (uint16); returns saturated count."""
+        p = self._p
+        e = electrons
+        if p.read_noise_e > 0:
+            e = e + self._rng.standard_normal(e.shape) * p.read_noise_e
+        adu = np.floor(e / p.gain_e_per_adu + (p.offset_adu + 0.5))
+        saturated = int(np.count_nonzero(adu >= p.saturation_adu))
+        np.clip(adu, 0, p.saturation_adu, out=adu)
+        out[...] = adu
+        return saturated
+
+    def photons_to_electrons(self, lam: np.ndarray) -> np.ndarray:
+        """Poisson photoelectrons, multiplied by the EM register when there is one."""
+        n = poisson(self._rng, lam).astype(np.float64)
+        if self._p.em_gain > 1.0:
+            pos = n > 0
+            n[pos] = self._rng.gamma(n[pos], self._p.em_gain)
+        return n
+
+    def _background_counts(self, n: int) -> np.ndarray:
+        """``n`` independent Poisson(background) photon counts."""
+        if self._count_table is None:
+            return poisson(self._rng, np.full(n, self.background_photons_per_px))
+        counts = np.empty(n, dtype=np.uint16)
+        self._count_table.sample(self._rng, n, counts)
+        return counts
+
+    def render(
+        self,
+        out: np.ndarray,
+        signal_index: np.ndarray,
+        signal_photons: np.ndarray,
+    ) -> int:
+        """Write a noisy frame into ``out`` (2-D uint16).
+
+        Parameters
+        ----------
+        out
+            The frame to fill, C-contiguous uint16.
+        signal_index
+            Flat indices of the pixels that receive signal (unique).
+        signal_photons
+            Expected signal photons at those pixels (background is added here).
+
+        Returns
+        -------
+        int
+            Number of pixels clipped at ``saturation_adu``.
+        """
+        flat = out.reshape(-1)
+        bg = self.background_photons_per_px
+        if self._table is None:
+            lam = np.full(flat.size, bg)
+            lam[signal_index] += signal_photons
+            return self.electrons_to_adu(self.photons_to_electrons(lam), flat)
+        self._table.sample(self._rng, flat.size, flat)
+        if signal_index.size:
+            # Photons = background + signal, two independent Poisson numbers. Pixels whose signal
+            # draw is 0 keep their (independent) background draw; the others are drawn again in
+            # full, background photons and read noise included.
+            extra = poisson(self._rng, signal_photons)
+            hit = np.flatnonzero(extra)
+            if hit.size:
+                electrons = (self._background_counts(hit.size) + extra[hit]).astype(np.float64)
+                values = np.empty(hit.size, dtype=np.uint16)
+                self.electrons_to_adu(electrons, values)
+                flat[signal_index[hit]] = values
+        return int(np.count_nonzero(flat >= self._p.saturation_adu))

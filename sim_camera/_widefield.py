@@ -1,0 +1,299 @@
+"""The widefield camera: PSF integrated over pixels, motion blur over the exposure, camera noise.
+
+Each frame ``k`` is exposed from ``k * period`` to ``k * period + exposure_ms`` (``period`` is the
+frame interval). The exposure is cut into ``substeps_per_exposure`` equal slices; at the middle of
+each slice the scene gives every particle's position and every fluorophore's on/off state, and each
+fluorophore that is on adds ``photons_per_frame / (fluorophores * substeps)`` expected photons spread
+by the PSF. So a moving particle is blurred along its path and a blinking one dims.
+
+PSF:
+
+- ``gaussian`` (default): sigma = 0.21 λ/NA (or ``psf_sigma_nm``), integrated exactly over each
+  pixel as a product of per-axis differences of the normal CDF (erf). Rendering is separable: for
+  each particle, one small patch covering its whole path is the matrix product of the per-axis
+  profiles of its emitters (fluorophores x sub-steps), weighted by their photons.
+- ``airy``: (2 J1(v)/v)² with v = 2π NA r / λ, integrated over each pixel numerically (8x8 samples)
+  for 17x17 sub-pixel emitter positions, interpolated bilinearly between them, truncated at three
+  dark rings and renormalized so that all of an emitter's photons land in the image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+from scipy.special import j1, ndtr
+
+from scopestream.sim_camera._noise import CameraNoise
+from scopestream.sim_camera._scene import Scene
+from scopestream.sim_camera._settings import Physics
+from scopestream.sim_camera._truth import empty_truth
+
+_NDTR_LO, _NDTR_STEP = -9.0, 1.0 / 1024.0
+_NDTR_GRID = np.arange(_NDTR_LO, -_NDTR_LO + _NDTR_STEP / 2, _NDTR_STEP)
+_NDTR_TABLE = ndtr(_NDTR_GRID)
+_NDTR_SLOPE = np.append(np.diff(_NDTR_TABLE), 0.0)
+
+
+def _ndtr_fast(z: np.ndarray) -> np.ndarray:
+    """Normal CDF by linear interpolation in a 1/1024-spaced table (error < 3e-8).
+
+    2.6x faster than ``scipy.special.ndtr``; this is the inner loop of the renderer.
+    """
+    u = (z - _NDTR_LO) * (1.0 / _NDTR_STEP)
+    np.clip(u, 0.0, len(_NDTR_GRID) - 1.000001, out=u)
+    i = u.astype(np.intp)
+    u -= i
+    out = _NDTR_SLOPE[i]
+    out *= u
+    out += _NDTR_TABLE[i]
+    return out
+
+
+class _AiryTable:
+    """Pixel-integrated Airy patches for a grid of sub-pixel emitter positions."""
+
+    def __init__(self, physics: Physics, phases: int = 16, supersample: int = 8) -> None:
+        a = physics.pixel_size_nm
+        ring_nm = 0.61 * physics.wavelength_nm / physics.na
+        self.half_px = int(math.ceil(3.0 * ring_nm / a)) + 1
+        h, s = self.half_px, phases
+        self.phases = s
+        frac = -0.5 + np.arange(s + 1) / s  # emitter offset from its nearest pixel centre
+        sub = (np.arange(supersample) + 0.5) / supersample - 0.5
+        q = np.arange(-h, h + 1)
+        # Sample points relative to the emitter along one axis: (phase, pixel, subsample).
+        axis = q[None, :, None] + sub[None, None, :] - frac[:, None, None]
+        dy = axis[:, None, :, None, :, None]
+        dx = axis[None, :, None, :, None, :]
+        rho_nm = a * np.sqrt(dy**2 + dx**2)
+        v = 2 * np.pi * physics.na * rho_nm / physics.wavelength_nm
+        with np.errstate(invalid="ignore", divide="ignore"):
+            intensity = np.where(v > 1e-9, (2 * j1(v) / np.where(v > 1e-9, v, 1.0)) ** 2, 1.0)
+        table = intensity.mean(axis=(4, 5))  # (S+1, S+1, P, P)
+        table /= table.sum(axis=(2, 3), keepdims=True)
+        self.table = table
+
+    def render(self, ex: np.ndarray, ey: np.ndarray, w: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """Expected photons per pixel (flat) from emitters at (ex, ey) px with weights w."""
+        h_img, w_img = shape
+        h, s = self.half_px, self.phases
+        ix = np.rint(ex).astype(np.int64)
+        iy = np.rint(ey).astype(np.int64)
+        gx = np.clip((ex - ix + 0.5) * s, 0, s - 1e-9)
+        gy = np.clip((ey - iy + 0.5) * s, 0, s - 1e-9)
+        jx, jy = gx.astype(np.int64), gy.astype(np.int64)
+        tx, ty = gx - jx, gy - jy
+        t = self.table
+        patch = (
+            ((1 - ty) * (1 - tx) * w)[:, None, None] * t[jy, jx]
+            + ((1 - ty) * tx * w)[:, None, None] * t[jy, jx + 1]
+            + (ty * (1 - tx) * w)[:, None, None] * t[jy + 1, jx]
+            + (ty * tx * w)[:, None, None] * t[jy + 1, jx + 1]
+        )
+        q = np.arange(-h, h + 1)
+        rows = iy[:, None] + q
+        cols = ix[:, None] + q
+        valid = ((rows >= 0) & (rows < h_img))[:, :, None] & ((cols >= 0) & (cols < w_img))[:, None, :]
+        flat = rows[:, :, None] * w_img + cols[:, None, :]
+        return np.bincount(flat[valid], weights=patch[valid], minlength=h_img * w_img)
+
+
+class WidefieldSimulator:
+    """A widefield camera looking at a :class:`Scene`; one call per frame.
+
+    Parameters
+    ----------
+    physics
+        Validated settings (see :func:`physics_from_config`).
+    seed
+        Seed of the simulation's random generator; same seed, same movie and truth.
+
+    Attributes
+    ----------
+    frame_index : int
+        Index of the next frame.
+    last_saturated_px : int
+        Pixels clipped at the saturation level in the last frame.
+    """
+
+    kind = "widefield"
+
+    def __init__(self, physics: Physics, seed: int = 0) -> None:
+        self.physics = physics
+        self._rng = np.random.default_rng(seed)
+        self.scene = Scene(physics, self._rng, z_diffusion=physics.z_diffusion("widefield"))
+        self.noise = CameraNoise(physics, self._rng)
+        self.shape = (physics.sim.frame_height_px, physics.sim.frame_width_px)
+        self.frame_index = 0
+        self.next_frame_start_ms = 0.0
+        self.last_saturated_px = 0
+        self._sigma_px = physics.psf_sigma_nm / physics.pixel_size_nm
+        self._airy = _AiryTable(physics) if physics.sim.psf_model == "airy" else None
+        # Patches reach 4.5 sigma past the emitter's pixel edge: the PSF mass left out is < 1e-5.
+        self._half_px = int(math.ceil(4.5 * self._sigma_px + 0.5))
+
+    @property
+    def frame_period_ms(self) -> float:
+        """Time from one frame's start to the next's, ms."""
+        return max(self.physics.frame_interval_ms, self.physics.exposure_ms)
+
+    @property
+    def exposure_ms(self) -> float:
+        """Exposure time, ms."""
+        return self.physics.exposure_ms
+
+    def set_timing(self, exposure_ms: float, frame_interval_ms: float) -> None:
+        """Change exposure and frame interval from the next frame on (the scene carries on).
+
+        A frame interval shorter than the exposure is taken as the exposure.
+        """
+        if not (exposure_ms > 0 and math.isfinite(exposure_ms)):
+            raise ValueError(f"exposure_ms must be positive and finite, got {exposure_ms!r}")
+        if not (frame_interval_ms > 0 and math.isfinite(frame_interval_ms)):
+            raise ValueError(f"frame_interval_ms must be positive and finite, got {frame_interval_ms!r}")
+        self.physics = replace(
+            self.physics, exposure_ms=float(exposure_ms), frame_interval_ms=max(float(frame_interval_ms), float(exposure_ms))
+        )
+
+    def set_stage_position_nm(self, x_nm: float, y_nm: float) -> None:
+        """Move the field of view: its top-left corner goes to world (x_nm, y_nm).
+
+        Takes effect at the next frame; particles left outside the band around the new field
+        of view are replaced by new ones.
+        """
+        self.scene.origin_nm = (float(x_nm), float(y_nm))
+
+    def next_frame(self, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Simulate the next frame.
+
+        Parameters
+        ----------
+        out
+            Optional C-contiguous uint16 array of ``shape`` to write into.
+
+        Returns
+        -------
+        image, truth
+            The frame (uint16, ADU) and its truth rows (see ``TRUTH_DTYPE``).
+        """
+        phys, scene = self.physics, self.scene
+        k = self.frame_index
+        if k > 0:
+            scene.switch_states(self.frame_period_ms)
+        scene.respawn_outside()
+        n_sub = phys.sim.substeps_per_exposure
+        t0 = self.next_frame_start_ms
+        sub_t = t0 + (np.arange(n_sub) + 0.5) * (phys.exposure_ms / n_sub)
+        dts = np.diff(np.concatenate([[scene.time_ms], sub_t]))
+        path = scene.advance(dts)  # (N, K, 3)
+        on = scene.photophysics(dts)  # (N, F, K)
+        scene.time_ms = float(sub_t[-1])
+
+        f = scene.n_fluorophores
+        photons_per_emitter = scene.photons_per_frame / (f * n_sub)
+        w = on * photons_per_emitter[:, None, None]  # (N, F, K) expected photons
+        w_sub = w.sum(axis=1)  # (N, K)
+        photons = w_sub.sum(axis=1)
+
+        cx, cy = scene.to_px(path[:, :, 0], path[:, :, 1])
+        weights = np.where(photons[:, None] > 0, w_sub, 1.0)
+        weights = weights / weights.sum(axis=1, keepdims=True)
+        truth = empty_truth(len(photons))
+        truth["frame"] = k
+        truth["particle"] = scene.particle_id
+        truth["x"] = (weights * cx).sum(axis=1)
+        truth["y"] = (weights * cy).sum(axis=1)
+        truth["z"] = (weights * path[:, :, 2]).sum(axis=1)
+        truth["t_ms"] = (weights * sub_t[None, :]).sum(axis=1)
+        truth["state"] = scene.state_names()
+        truth["D_um2_per_s"] = scene.truth_D_um2_per_s()
+        truth["speed_um_per_s"] = scene.truth_speed_um_per_s()
+        truth["photons"] = photons
+        h_img, w_img = self.shape
+        truth["visible"] = (
+            (truth["x"] >= -0.5) & (truth["x"] < w_img - 0.5) & (truth["y"] >= -0.5) & (truth["y"] < h_img - 0.5)
+        )
+
+        signal = self._render(path, w, cx, cy)
+        touched = np.flatnonzero(signal > 0)
+        image = out if out is not None else np.empty(self.shape, dtype=np.uint16)
+        self.last_saturated_px = self.noise.render(image, touched, signal[touched])
+        self.frame_index += 1
+        self.next_frame_start_ms = t0 + self.frame_period_ms
+        return image, truth
+
+    def _render(self, path: np.ndarray, w: np.ndarray, cx: np.ndarray, cy: np.ndarray) -> np.ndarray:
+        """Expected signal photons per pixel (flat, float64)."""
+        scene = self.scene
+        h_img, w_img = self.shape
+        a = self.physics.pixel_size_nm
+        half = self._airy.half_px if self._airy is not None else self._half_px
+        rad_px = 0.5 * scene.diameter_nm / a
+        x_lo, x_hi = cx.min(axis=1) - rad_px, cx.max(axis=1) + rad_px
+        y_lo, y_hi = cy.min(axis=1) - rad_px, cy.max(axis=1) + rad_px
+        keep = np.flatnonzero(
+            (w.sum(axis=(1, 2)) > 0)
+            & (x_hi + half >= -0.5) & (x_lo - half <= w_img - 0.5)
+            & (y_hi + half >= -0.5) & (y_lo - half <= h_img - 0.5)
+        )
+        if keep.size == 0:
+            return np.zeros(h_img * w_img)
+        n = keep.size
+        off = scene.fluor_offset_nm[keep]  # (n, F, 3)
+        ox, oy = scene.origin_nm
+        ex = ((path[keep, None, :, 0] + off[:, :, None, 0] - ox) / a - 0.5).reshape(n, -1)
+        ey = ((path[keep, None, :, 1] + off[:, :, None, 1] - oy) / a - 0.5).reshape(n, -1)
+        we = w[keep].reshape(n, -1)
+        if self._airy is not None:
+            return self._airy.render(ex.ravel(), ey.ravel(), we.ravel(), self.shape)
+
+        # Patch size follows the longest path; group particles by extent so that a few fast
+        # ones do not make every patch large.
+        extent = np.maximum(
+            np.floor(x_hi[keep] + 0.5) - np.floor(x_lo[keep] + 0.5),
+            np.floor(y_hi[keep] + 0.5) - np.floor(y_lo[keep] + 0.5),
+        )
+        small = extent <= max(float(np.sort(extent)[(3 * len(extent)) // 4]), 1.0)
+        index_parts, value_parts = [], []
+        for group in (np.flatnonzero(small), np.flatnonzero(~small)):
+            if group.size:
+                index, value = self._render_gaussian(
+                    ex[group], ey[group], we[group], x_lo[keep][group], x_hi[keep][group],
+                    y_lo[keep][group], y_hi[keep][group], half,
+                )
+                index_parts.append(index)
+                value_parts.append(value)
+        return np.bincount(
+            np.concatenate(index_parts), weights=np.concatenate(value_parts), minlength=h_img * w_img
+        )
+
+    def _render_gaussian(
+        self,
+        ex: np.ndarray,
+        ey: np.ndarray,
+        we: np.ndarray,
+        x_lo: np.ndarray,
+        x_hi: np.ndarray,
+        y_lo: np.ndarray,
+        y_hi: np.ndarray,
+        half: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel-integrated Gaussian patches, one per particle: flat pixel indices and photons."""
+        h_img, w_img = self.shape
+        inv_sigma = 1.0 / self._sigma_px
+        c0 = np.floor(x_lo + 0.5).astype(np.int64) - half
+        r0 = np.floor(y_lo + 0.5).astype(np.int64) - half
+        pw = int((np.floor(x_hi + 0.5) - np.floor(x_lo + 0.5)).max()) + 2 * half + 1
+        ph = int((np.floor(y_hi + 0.5) - np.floor(y_lo + 0.5)).max()) + 2 * half + 1
+        edges_x = c0[:, None] + (np.arange(pw + 1) - 0.5)
+        edges_y = r0[:, None] + (np.arange(ph + 1) - 0.5)
+        prof_x = np.diff(_ndtr_fast((edges_x[:, None, :] - ex[:, :, None]) * inv_sigma), axis=2)
+        prof_y = np.diff(_ndtr_fast((edges_y[:, None, :] - ey[:, :, None]) * inv_sigma), axis=2)
+        patch = np.matmul((prof_y * we[:, :, None]).transpose(0, 2, 1), prof_x)  # (n, ph, pw)
+        rows = r0[:, None] + np.arange(ph)
+        cols = c0[:, None] + np.arange(pw)
+        valid = ((rows >= 0) & (rows < h_img))[:, :, None] & ((cols >= 0) & (cols < w_img))[:, None, :]
+        flat = rows[:, :, None] * w_img + cols[:, None, :]
+        return flat[valid], patch[valid]

@@ -1,0 +1,344 @@
+"""The simulated cameras and stage as Micro-Manager Python devices (pymmcore-plus UniMMCore).
+
+Load them with the shipped configuration files (see :func:`scopestream.sim_camera.config_path`)::
+
+    from pymmcore_plus.experimental.unicore import UniMMCore
+    core = UniMMCore()
+    core.loadSystemConfiguration(config_path("simulated-widefield"))
+
+or with ``#py pyDevice,<label>,scopestream.sim_camera.devices,<Class>`` lines of your own.
+
+Devices
+-------
+:class:`SimulatedWidefieldCamera`, :class:`SimulatedScanningCamera`
+    Cameras that pace themselves: frame ``i`` of a sequence is delivered at ``start + (i + 1) *
+    period`` (absolute deadlines, no drift; the period is the frame interval, at least the
+    exposure; for the scanning camera the frame scan time). The scene carries on across sequences
+    and snaps; simulation time advances one frame period per frame whatever the wall clock does.
+:class:`SimulatedXYStage`
+    An XY stage. Moving it moves the field of view over the simulated sample: the camera follows
+    every ``XYStagePositionChanged`` event of its core (from this stage or any other XY stage the
+    core drives), so a particle at world position X appears at column ``(X - stage_x) /
+    pixel_size - 0.5``: moving the stage by +1 µm moves the image content by -1000 / pixel_size_nm px.
+
+Camera properties
+-----------------
+``SimulationJSON`` (string)
+    JSON of ``{"simulation": {...}, "optics": {...}, "camera": {...}, "acquisition": {...}}``,
+    the sections of the daemon configuration (``config_to_dict(config)``; other keys ignored).
+    Setting it validates everything (an error names the key) and rebuilds the scene.
+``Seed`` (integer)
+    Random seed; setting it rebuilds the scene. Same JSON and seed, same frames and truth.
+``Exposure``
+    Widefield: exposure in ms (the frame interval stretches to at least the exposure; the scene
+    carries on). Scanning: the frame scan time, fixed by the scan settings (setting it is
+    ignored, so that a client's generic ``setExposure`` does not fail).
+
+Ground truth (a side channel, never in the image)
+-------------------------------------------------
+Every frame's metadata carries these string-valued keys:
+
+- ``scopestream_truth``: compact column-wise JSON of that frame's truth rows
+  (:func:`scopestream.sim_camera.truth_from_json` turns it back into the structured array);
+- ``scopestream_frame`` (simulation frame index), ``scopestream_frame_start_ms`` (simulation
+  time of the start of the exposure / scan), ``scopestream_exposure_ms``,
+  ``scopestream_frame_period_ms``, ``scopestream_saturated_px``, ``scopestream_stage_x_um``,
+  ``scopestream_stage_y_um``, ``scopestream_kind``, ``scopestream_seed``;
+- scanning camera also ``scopestream_line_period_ms``, ``scopestream_dwell_us``,
+  ``scopestream_retrace_ms`` (row r starts at ``frame_start + r * line_period``).
+
+Metadata reaches clients through sequence acquisition (``popNextImageAndMD``; an MDA with hardware
+sequencing puts it under ``camera_metadata``). ``snapImage`` drops camera metadata in UniMMCore,
+so the camera also keeps a bounded queue of ``(frame, truth)`` pairs: ``camera.truth_queue``
+(``collections.deque``, newest ``truth_queue_frames`` frames) and ``camera.pop_truth()``;
+:func:`simulated_device` finds the device object behind a label.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+import numpy as np
+from pymmcore_plus.experimental.unicore import CameraDevice, XYStageDevice
+
+from scopestream.daemon._config import ConfigError, build_config
+from scopestream.sim_camera._scanning import ScanningSimulator
+from scopestream.sim_camera._settings import physics_from_config
+from scopestream.sim_camera._truth import truth_to_json
+from scopestream.sim_camera._widefield import WidefieldSimulator
+
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
+    from pymmcore_plus.experimental.unicore import Device, UniMMCore
+
+__all__ = [
+    "SimulatedScanningCamera",
+    "SimulatedWidefieldCamera",
+    "SimulatedXYStage",
+    "simulated_device",
+]
+
+logger = logging.getLogger(__name__)
+
+_SECTIONS = ("simulation", "optics", "camera", "acquisition")
+_RESYNC_AFTER_S = 1.0  # further behind than this, restart the deadlines instead of bursting
+
+
+def simulated_device(core: UniMMCore, label: str | None = None) -> Device:
+    """The Python device object loaded under ``label`` (default: the current camera).
+
+    Tests and tools use it to reach a simulated camera's truth queue.
+    """
+    label = label or core.getCameraDevice()
+    # pymmcore-plus 0.18 (pinned) keeps Python devices in a private manager; no public getter.
+    return cast("Device", core._pydevices[label])
+
+
+class _SimulatedCamera(CameraDevice):
+    """Shared machinery of the simulated cameras: settings, scene rebuild, pacing, truth."""
+
+    _KIND: ClassVar[str] = "widefield"
+    truth_queue_frames: int = 1000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sim_lock = threading.Lock()
+        self._settings_json = "{}"
+        self._seed = 0
+        self._stage_um = (0.0, 0.0)
+        self.truth_queue: deque[tuple[int, np.ndarray]] = deque(maxlen=self.truth_queue_frames)
+        self._sections: dict[str, Any] = {}
+        self._simulator: WidefieldSimulator | ScanningSimulator = self._build({})
+        self.register_property(
+            "SimulationJSON", default_value="{}", property_type=str,
+            getter=type(self)._get_simulation_json, setter=type(self)._set_simulation_json,
+        )
+        self.register_property(
+            "Seed", default_value=0, property_type=int, limits=(0, 2**31 - 1),
+            getter=type(self)._get_seed, setter=type(self)._set_seed,
+        )
+        self.register_property("Kind", default_value=self._KIND, property_type=str, is_read_only=True)
+
+    # -- settings --------------------------------------------------------------------------
+
+    def _build(self, sections: Mapping[str, Any]) -> WidefieldSimulator | ScanningSimulator:
+        config = build_config({k: sections[k] for k in _SECTIONS if k in sections})
+        physics = physics_from_config(config)
+        simulator: WidefieldSimulator | ScanningSimulator
+        if self._KIND == "scanning":
+            simulator = ScanningSimulator(physics, self._seed)
+        else:
+            simulator = WidefieldSimulator(physics, self._seed)
+        simulator.set_stage_position_nm(self._stage_um[0] * 1000.0, self._stage_um[1] * 1000.0)
+        return simulator
+
+    def _rebuild(self, sections: Mapping[str, Any]) -> None:
+        simulator = self._build(sections)
+        with self._sim_lock:
+            self._sections = dict(sections)
+            self._simulator = simulator
+            self.truth_queue.clear()
+
+    def _get_simulation_json(self) -> str:
+        return self._settings_json
+
+    def _set_simulation_json(self, value: str) -> None:
+        text = str(value).strip() or "{}"
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"SimulationJSON is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"SimulationJSON must be a JSON object, got {type(data).__name__}")
+        self._rebuild(data)
+        self._settings_json = text
+
+    def _get_seed(self) -> int:
+        return self._seed
+
+    def _set_seed(self, value: int) -> None:
+        seed = int(value)
+        if seed < 0:
+            raise ConfigError(f"Seed must be a non-negative integer, got {value!r}")
+        self._seed = seed
+        self._rebuild(self._sections)
+
+    @property
+    def simulator(self) -> WidefieldSimulator | ScanningSimulator:
+        """The simulator behind the device (replaced when settings or seed change)."""
+        return self._simulator
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def initialize(self) -> None:
+        """Follow the core's XY stage moves."""
+        signal = self.core.events.XYStagePositionChanged
+        cast("Any", signal).connect(self._on_stage_moved)
+
+    def shutdown(self) -> None:
+        """Stop following the stage."""
+        try:
+            cast("Any", self.core.events.XYStagePositionChanged).disconnect(self._on_stage_moved)
+        except Exception:  # noqa: BLE001 - not connected, or the core is already gone
+            pass
+
+    def _on_stage_moved(self, label: str, x_um: float, y_um: float) -> None:
+        self._stage_um = (float(x_um), float(y_um))
+        with self._sim_lock:
+            self._simulator.set_stage_position_nm(float(x_um) * 1000.0, float(y_um) * 1000.0)
+
+    # -- camera API --------------------------------------------------------------------------
+
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the frames."""
+        return self._simulator.shape
+
+    def dtype(self) -> DTypeLike:
+        """uint16."""
+        return np.uint16
+
+    def pop_truth(self) -> list[tuple[int, np.ndarray]]:
+        """Remove and return the queued ``(frame, truth)`` pairs, oldest first."""
+        out = []
+        while True:
+            try:
+                out.append(self.truth_queue.popleft())
+            except IndexError:
+                return out
+
+    def start_sequence(
+        self, n: int | None, get_buffer: Callable[[Sequence[int], DTypeLike], np.ndarray]
+    ) -> Iterator[Mapping]:
+        """Simulate frames into the core's buffers, paced at the frame period."""
+        deadline = time.perf_counter()
+        produced = 0
+        while n is None or produced < n:
+            with self._sim_lock:
+                simulator = self._simulator
+                start_ms = simulator.next_frame_start_ms
+                stage_x_um, stage_y_um = self._stage_um
+                buffer = get_buffer(simulator.shape, np.uint16)
+                _, truth = simulator.next_frame(buffer)
+                frame = simulator.frame_index - 1
+                period_s = simulator.frame_period_ms / 1000.0
+                metadata = self._metadata(simulator, frame, start_ms, truth, stage_x_um, stage_y_um)
+                self.truth_queue.append((frame, truth))
+            deadline += period_s
+            delay = deadline - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            elif delay < -_RESYNC_AFTER_S:
+                deadline = time.perf_counter()
+            produced += 1
+            yield metadata
+
+    def _metadata(
+        self,
+        simulator: WidefieldSimulator | ScanningSimulator,
+        frame: int,
+        start_ms: float,
+        truth: np.ndarray,
+        stage_x_um: float,
+        stage_y_um: float,
+    ) -> dict[str, str]:
+        meta = {
+            "scopestream_kind": self._KIND,
+            "scopestream_seed": str(self._seed),
+            "scopestream_frame": str(frame),
+            "scopestream_frame_start_ms": repr(float(start_ms)),
+            "scopestream_exposure_ms": repr(float(simulator.exposure_ms)),
+            "scopestream_frame_period_ms": repr(float(simulator.frame_period_ms)),
+            "scopestream_saturated_px": str(simulator.last_saturated_px),
+            "scopestream_stage_x_um": repr(stage_x_um),
+            "scopestream_stage_y_um": repr(stage_y_um),
+            "scopestream_truth": truth_to_json(truth),
+        }
+        if isinstance(simulator, ScanningSimulator):
+            sim = simulator.physics.sim
+            meta["scopestream_line_period_ms"] = repr(float(simulator.line_period_ms))
+            meta["scopestream_dwell_us"] = repr(float(sim.scan_dwell_us))
+            meta["scopestream_retrace_ms"] = repr(float(sim.scan_retrace_ms))
+        return meta
+
+
+class SimulatedWidefieldCamera(_SimulatedCamera):
+    """A widefield sCMOS/EMCCD camera over a simulated sample with exact ground truth."""
+
+    _KIND = "widefield"
+
+    def get_exposure(self) -> float:
+        """Exposure time, ms."""
+        return float(self._simulator.exposure_ms)
+
+    def set_exposure(self, exposure: float) -> None:
+        """Set the exposure, ms; the frame interval stretches to at least the exposure."""
+        value = float(exposure)
+        with self._sim_lock:
+            simulator = self._simulator
+            assert isinstance(simulator, WidefieldSimulator)
+            simulator.set_timing(value, simulator.physics.frame_interval_ms)
+
+
+class SimulatedScanningCamera(_SimulatedCamera):
+    """A raster-scanning two-photon microscope over a simulated sample with exact ground truth."""
+
+    _KIND = "scanning"
+
+    def get_exposure(self) -> float:
+        """Frame scan time, ms."""
+        return float(self._simulator.exposure_ms)
+
+    def set_exposure(self, exposure: float) -> None:
+        """Ignored: the frame time follows from the scan (``simulation.scan_dwell_us`` and
+        ``scan_retrace_ms`` through ``SimulationJSON``); ``getExposure`` reports it."""
+        logger.debug(
+            "%s: exposure %s ms ignored; the scan takes %s ms", self.get_label(), exposure,
+            self._simulator.exposure_ms,
+        )
+
+
+class SimulatedXYStage(XYStageDevice):
+    """An XY stage that moves the simulated cameras' field of view (positions in µm).
+
+    Moves are instantaneous. Zeroing the origin is not supported: the reported position is the
+    physical one, which the cameras rely on.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._x_um = 0.0
+        self._y_um = 0.0
+
+    def set_position_um(self, x: float, y: float) -> None:
+        """Move to (x, y) µm and tell the core (and so the cameras)."""
+        self._x_um, self._y_um = float(x), float(y)
+        self.core.events.XYStagePositionChanged.emit(self.get_label(), self._x_um, self._y_um)
+
+    def get_position_um(self) -> tuple[float, float]:
+        """Current (x, y), µm."""
+        return self._x_um, self._y_um
+
+    def home(self) -> None:
+        """Go to (0, 0)."""
+        self.set_position_um(0.0, 0.0)
+
+    def stop(self) -> None:
+        """Moves are instantaneous; nothing to stop."""
+
+    def set_origin(self) -> None:
+        """Not supported (the cameras need physical positions)."""
+        raise NotImplementedError("SimulatedXYStage cannot zero its origin")
+
+    def set_origin_x(self) -> None:
+        """Not supported."""
+        raise NotImplementedError("SimulatedXYStage cannot zero its origin")
+
+    def set_origin_y(self) -> None:
+        """Not supported."""
+        raise NotImplementedError("SimulatedXYStage cannot zero its origin")
