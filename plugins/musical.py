@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import math
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -409,6 +410,13 @@ def _run_window_job(job: _WindowJob) -> tuple[np.ndarray, float]:
 
 
 _BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def _init_worker() -> None:
+    """Worker process set-up: one BLAS thread, and no SIGINT (Ctrl-C reaches the whole process
+    group; the daemon shuts the pool down in order, a worker must not die mid-window)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    limit_blas_threads()
 
 
 def limit_blas_threads() -> None:
@@ -835,7 +843,7 @@ class MusicalStage:
                 self._executor = ThreadPoolExecutor(max_workers=s.workers, thread_name_prefix="musical")
             else:
                 self._executor = ProcessPoolExecutor(
-                    max_workers=s.workers, mp_context=get_context("spawn"), initializer=limit_blas_threads
+                    max_workers=s.workers, mp_context=get_context("spawn"), initializer=_init_worker
                 )
         return self._executor
 
