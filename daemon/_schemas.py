@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scopestream.daemon._config import ScopestreamConfig, stage_plugins
+from scopestream.daemon._config import ScopestreamConfig
+from scopestream.daemon._stage import installed_stage_plugins
 from scopestream.daemon._messages import ENGINE_BODIES, SCHEMA_VERSION, Header
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
@@ -23,8 +24,10 @@ SCHEMA_DIR = Path(__file__).parent / "schemas"
 def schema_documents() -> dict[str, dict[str, Any]]:
     """File name -> JSON Schema, for the header, every topic body and the configuration."""
     docs: dict[str, dict[str, Any]] = {"header.json": Header.model_json_schema()}
+    # Entry points only: stages registered at run time (notebooks, tests) are not the contract.
+    plugins = installed_stage_plugins()
     bodies = dict(ENGINE_BODIES)
-    for plugin in stage_plugins().values():
+    for plugin in plugins.values():
         for topic, model in plugin.topics.items():
             if topic in bodies and bodies[topic] is not model:
                 raise ValueError(f"topic {topic!r} is declared with two different body models")
@@ -34,7 +37,7 @@ def schema_documents() -> dict[str, dict[str, Any]]:
         doc["x-scopestream-topic"] = topic
         docs[f"topic-{topic}.json"] = doc
     config_doc = ScopestreamConfig.model_json_schema()
-    sections = {name: p.settings_model.model_json_schema() for name, p in sorted(stage_plugins().items())}
+    sections = {name: p.settings_model.model_json_schema() for name, p in sorted(plugins.items())}
     config_doc["x-scopestream-stage-sections"] = sections
     docs["config.json"] = config_doc
     for doc in docs.values():

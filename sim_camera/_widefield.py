@@ -30,25 +30,42 @@ from scopestream.sim_camera._scene import Scene
 from scopestream.sim_camera._settings import Physics
 from scopestream.sim_camera._truth import empty_truth
 
-_NDTR_LO, _NDTR_STEP = -9.0, 1.0 / 1024.0
-_NDTR_GRID = np.arange(_NDTR_LO, -_NDTR_LO + _NDTR_STEP / 2, _NDTR_STEP)
-_NDTR_TABLE = ndtr(_NDTR_GRID)
-_NDTR_SLOPE = np.append(np.diff(_NDTR_TABLE), 0.0)
 
+class _PixelProfile:
+    """Pixel-integrated 1-D Gaussian ``g(x) = Φ((x + ½)/σ) − Φ((x − ½)/σ)``, tabulated.
 
-def _ndtr_fast(z: np.ndarray) -> np.ndarray:
-    """Normal CDF by linear interpolation in a 1/1024-spaced table (error < 3e-8).
-
-    2.6x faster than ``scipy.special.ndtr``; this is the inner loop of the renderer.
+    ``x`` is a pixel's centre minus the emitter, px. The table has ``phases`` points per pixel over
+    ``|x| <= 8σ + 1`` (beyond, ``g < 1e-15`` and is taken as 0) and is interpolated linearly:
+    error below ``h²/8 · max|g''| <= h² φ(1) / (4σ²)`` (``h = 1/phases`` px; 1e-7 at σ = 0.77 px,
+    2.3e-7 at σ = 0.5 px), far below the photon-count resolution. Because the
+    pixels of a profile are one pixel (``phases`` table points) apart, all pixels of one emitter
+    share the interpolation fraction and their table indices are one offset plus a fixed stride:
+    one integer add, two gathers and a multiply-add per pixel, no error function at run time.
     """
-    u = (z - _NDTR_LO) * (1.0 / _NDTR_STEP)
-    np.clip(u, 0.0, len(_NDTR_GRID) - 1.000001, out=u)
-    i = u.astype(np.intp)
-    u -= i
-    out = _NDTR_SLOPE[i]
-    out *= u
-    out += _NDTR_TABLE[i]
-    return out
+
+    def __init__(self, sigma_px: float, phases: int = 1024) -> None:
+        self.reach_px = int(math.ceil(8.0 * sigma_px + 1.0))
+        self.phases = phases
+        x = np.arange(-self.reach_px * phases, self.reach_px * phases + 1) / phases
+        g = ndtr((x + 0.5) / sigma_px) - ndtr((x - 0.5) / sigma_px)
+        g[0] = g[-1] = 0.0
+        self.value = g
+        self.slope = np.append(np.diff(g), 0.0)
+
+    def profiles(self, d_px: np.ndarray, n_px: int) -> np.ndarray:
+        """Profiles over pixels ``0 .. n_px - 1`` of emitters at ``d_px`` (shape ``(..., n_px)``).
+
+        ``d_px`` is each emitter's position relative to the centre of pixel 0, px.
+        """
+        q = (self.reach_px - d_px) * self.phases  # table position of x = -d (pixel 0)
+        i0 = np.floor(q)
+        t = q - i0
+        idx = i0.astype(np.intp)[..., None] + np.arange(0, n_px * self.phases, self.phases)
+        np.clip(idx, 0, len(self.value) - 1, out=idx)
+        out = self.slope[idx]
+        out *= t[..., None]
+        out += self.value[idx]
+        return out
 
 
 class _AiryTable:
@@ -133,6 +150,7 @@ class WidefieldSimulator:
         self._airy = _AiryTable(physics) if physics.sim.psf_model == "airy" else None
         # Patches reach 4.5 sigma past the emitter's pixel edge: the PSF mass left out is < 1e-5.
         self._half_px = int(math.ceil(4.5 * self._sigma_px + 0.5))
+        self._profile = _PixelProfile(self._sigma_px) if self._airy is None else None
 
     @property
     def frame_period_ms(self) -> float:
@@ -282,15 +300,13 @@ class WidefieldSimulator:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Pixel-integrated Gaussian patches, one per particle: flat pixel indices and photons."""
         h_img, w_img = self.shape
-        inv_sigma = 1.0 / self._sigma_px
+        assert self._profile is not None
         c0 = np.floor(x_lo + 0.5).astype(np.int64) - half
         r0 = np.floor(y_lo + 0.5).astype(np.int64) - half
         pw = int((np.floor(x_hi + 0.5) - np.floor(x_lo + 0.5)).max()) + 2 * half + 1
         ph = int((np.floor(y_hi + 0.5) - np.floor(y_lo + 0.5)).max()) + 2 * half + 1
-        edges_x = c0[:, None] + (np.arange(pw + 1) - 0.5)
-        edges_y = r0[:, None] + (np.arange(ph + 1) - 0.5)
-        prof_x = np.diff(_ndtr_fast((edges_x[:, None, :] - ex[:, :, None]) * inv_sigma), axis=2)
-        prof_y = np.diff(_ndtr_fast((edges_y[:, None, :] - ey[:, :, None]) * inv_sigma), axis=2)
+        prof_x = self._profile.profiles(ex - c0[:, None], pw)  # (n, emitters, pw)
+        prof_y = self._profile.profiles(ey - r0[:, None], ph)
         patch = np.matmul((prof_y * we[:, :, None]).transpose(0, 2, 1), prof_x)  # (n, ph, pw)
         rows = r0[:, None] + np.arange(ph)
         cols = c0[:, None] + np.arange(pw)

@@ -128,3 +128,21 @@ def test_same_seed_same_movie_and_truth(kind: str) -> None:
     assert np.array_equal(movie_a, movie_b)
     assert np.array_equal(truth_a, truth_b)
     assert not np.array_equal(movie_a, movie_c)
+
+
+@pytest.mark.parametrize("sigma_px", [0.5, 0.765, 2.0])
+def test_tabulated_pixel_profile_matches_the_exact_erf_difference(sigma_px: float) -> None:
+    from scipy.special import ndtr
+
+    from scopestream.sim_camera._widefield import _PixelProfile
+
+    profile = _PixelProfile(sigma_px)
+    d = np.random.default_rng(7).uniform(-3.0, 20.0, size=(50, 8))  # emitters, px from pixel 0
+    n_px = 24
+    x = np.arange(n_px) - d[..., None]  # pixel centre minus emitter
+    exact = ndtr((x + 0.5) / sigma_px) - ndtr((x - 0.5) / sigma_px)
+    # Linear interpolation on a grid of h = 1/phases px errs by at most h^2/8 max|g''|, with
+    # |g''| <= 2 max|phi'| / sigma^2 = 2 phi(1) / sigma^2; beyond 8 sigma + 1 px, g < 1e-15.
+    h = 1.0 / profile.phases
+    bound = h**2 / 8 * 2 * math.exp(-0.5) / math.sqrt(2 * math.pi) / sigma_px**2 + 1e-15
+    assert np.abs(profile.profiles(d, n_px) - exact).max() <= bound
