@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from scopestream.daemon._config import ScopestreamConfig
-from scopestream.daemon._stage import installed_stage_plugins
 from scopestream.daemon._messages import ENGINE_BODIES, SCHEMA_VERSION, Header
+from scopestream.daemon._stage import installed_stage_plugins
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
