@@ -17,7 +17,14 @@ from scopestream.plugins._gaussian_mle import (
     mortensen_mle_variance_px2,
     radial_symmetry_centres,
 )
-from scopestream.plugins.localize import Localizations, LocalizeSettings, LocalizeStage, locate
+from scopestream.plugins.localize import (
+    Localizations,
+    Localizer,
+    LocalizeSettings,
+    LocalizeStage,
+    _enforce_separation,
+    locate,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from spot_images import random_positions, render_spots, to_adu  # noqa: E402
@@ -196,3 +203,68 @@ def test_fit_sigma_recovers_the_psf_width() -> None:
     rois, _, _ = _roi_stack(rng, 500, 3000.0, 20.0)
     fit = fit_mle(rois, 1.0, fit_sigma=True)
     assert np.median(fit.sigma_px) == pytest.approx(SIGMA, rel=0.02)
+
+
+def test_detection_peaks_sit_on_the_spot_pixel() -> None:
+    # High SNR (N 5000, b 10) and true positions within 0.3 px of a pixel centre: the box-filtered
+    # band-pass peaks at the nearest pixel (its value there exceeds the neighbours' by far more
+    # than the noise), so every detection must be exactly (round(y), round(x)). (Within 1 px of
+    # the border the mirrored copy of a spot adds to the edge pixel's box, so the margin is 2 px.)
+    rng = np.random.default_rng(11)
+    x, y = random_positions(rng, 40, (200, 200), 2.0, 10.0)
+    x = np.round(x) + rng.uniform(-0.3, 0.3, x.size)
+    y = np.round(y) + rng.uniform(-0.3, 0.3, y.size)
+    img = to_adu(rng, render_spots((200, 200), x, y, 5000.0, SIGMA, 10.0))
+    loc = Localizer(LocalizeSettings(psf_sigma_px=SIGMA))
+    padded, _ = loc._padded_frame(img)
+    rows, cols, _ = loc.detect(padded, 200, 200)
+    found = set(zip(rows.tolist(), cols.tolist(), strict=True))
+    assert found == set(zip(np.round(y).astype(int).tolist(), np.round(x).astype(int).tolist(), strict=True))
+
+
+def test_default_stopping_rule_is_close_to_the_converged_fit() -> None:
+    # Fisher scoring contracts the remaining error ~10x per step near the optimum, so stopping
+    # when the RMS step is below tol leaves ~0.1 tol RMS; allow 0.2 tol RMS and 2 tol at most
+    # (the largest single last step allowed is 10 tol).
+    rng = np.random.default_rng(12)
+    rois, _, _ = _roi_stack(rng, 1000, 1000.0, 100.0)
+    tol = LocalizeSettings().tolerance_px
+    quick = fit_mle(rois, SIGMA, tolerance_px=tol)
+    full = fit_mle(rois, SIGMA, tolerance_px=1e-10, max_iterations=100)
+    dev = np.concatenate([quick.x_px - full.x_px, quick.y_px - full.y_px])
+    assert np.sqrt(np.mean(dev**2)) <= 0.2 * tol
+    assert np.abs(dev).max() <= 2 * tol
+    # The Cramér-Rao bounds from the solve equal the inverse Fisher information.
+    assert np.median(full.crlb_x_px) == pytest.approx(fisher_crlb_px(1000, 100, SIGMA, roi_px=7), rel=0.05)
+
+
+def test_saturated_and_nan_regions_are_dropped_and_counted() -> None:
+    rng = np.random.default_rng(13)
+    x, y = np.array([20.0, 60.0, 100.0]), np.array([30.0, 64.0, 90.0])
+    expected = render_spots((128, 128), x, y, np.array([2000.0, 2e6, 2000.0]), SIGMA, 20.0)
+    img = to_adu(rng, expected).astype(np.float32)  # the 2e6-photon spot saturates (65535 ADU)
+    img[90, 101] = np.nan  # inside the third spot's region
+    loc = Localizer(LocalizeSettings(psf_sigma_px=SIGMA))
+    locs = loc.localize(img)
+    assert len(locs) == 1 and abs(locs.x[0] - 20.0) < 0.2 and abs(locs.y[0] - 30.0) < 0.2
+    assert locs.diagnostics["rejected_saturated"] == 1
+
+
+@pytest.mark.parametrize("min_separation_px", [1.0, 2.5, 3.0, 4.0, 6.0])
+def test_enforce_separation_matches_the_pairwise_rule(min_separation_px: float) -> None:
+    # Brute force: of every pair closer than the separation (Chebyshev), drop the fainter (on a
+    # tie the later one). The fast path (sorted keys, separation <= 4) and the k-d tree path
+    # must both give exactly this.
+    rng = np.random.default_rng(14)
+    rows = rng.integers(0, 40, 300)
+    cols = rng.integers(0, 40, 300)
+    _, first = np.unique(rows * 40 + cols, return_index=True)
+    order = np.sort(first)
+    rows, cols = rows[order], cols[order]
+    values = rng.integers(0, 5, rows.size).astype(float)  # ties on purpose
+    d = np.maximum(np.abs(rows[:, None] - rows[None, :]), np.abs(cols[:, None] - cols[None, :]))
+    i, j = np.nonzero(np.triu(d < min_separation_px - 1e-9, k=1))
+    drop = np.zeros(rows.size, bool)
+    drop[np.where(values[j] <= values[i], j, i)] = True
+    r, c, _ = _enforce_separation(rows, cols, values, min_separation_px)
+    assert set(zip(r.tolist(), c.tolist(), strict=True)) == set(zip(rows[~drop].tolist(), cols[~drop].tolist(), strict=True))
