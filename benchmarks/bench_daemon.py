@@ -69,6 +69,7 @@ def subscriber(endpoint: str, out: str, ready: mp.synchronize.Event) -> None:  #
     from scopestream.daemon.client import Subscriber
 
     lat = []
+    inside = []
     with Subscriber(endpoint, ["frame_stats", "run_stop"]) as sub:
         sub.wait_ready(30)
         ready.set()
@@ -77,8 +78,9 @@ def subscriber(endpoint: str, out: str, ready: mp.synchronize.Event) -> None:  #
                 stop = msg.body
                 break
             lat.append(time.time() - msg.header.t_acquired)
+            inside.append(msg.header.t_published - msg.header.t_acquired)
         gaps = sub.gaps
-    Path(out).write_text(json.dumps({"lat_s": lat, "stop": stop, "gaps": gaps}))
+    Path(out).write_text(json.dumps({"lat_s": lat, "inside_s": inside, "stop": stop, "gaps": gaps}))
 
 
 def daemon_run(cfg: Path, seconds: float, exposure_ms: float, folder: Path) -> dict[str, float]:
@@ -108,7 +110,11 @@ def daemon_run(cfg: Path, seconds: float, exposure_ms: float, folder: Path) -> d
     res = json.loads(out.read_text())
     stop = res["stop"]
     lat = np.array(res["lat_s"]) * 1e3
+    inside = np.array(res["inside_s"]) * 1e3
     return {
+        "inside_p50_ms": float(np.percentile(inside, 50)),
+        "inside_p99_ms": float(np.percentile(inside, 99)),
+        "wire_p99_ms": float(np.percentile(lat - inside, 99)),
         "fps": stop["frames_received"] / elapsed,
         "frames_received": stop["frames_received"],
         "frames_processed": stop["frames_processed"],
@@ -133,6 +139,7 @@ def main() -> int:
     print(f"512x512 uint16, exposure {args.exposure_ms} ms, {args.seconds} s, {os.cpu_count()} cores")
     print(f"reference  bare pymmcore-plus drain: {ref['fps']:7.1f} frames/s  pop latency p50 {ref['p50_ms']:.3f} ms  p99 {ref['p99_ms']:.3f} ms")
     print(f"scopestream daemon -> subscriber:    {ours['fps']:7.1f} frames/s  latency p50 {ours['p50_ms']:.3f} ms  p99 {ours['p99_ms']:.3f} ms  max {ours['max_ms']:.2f} ms")
+    print(f"  of which acquisition -> published (in the daemon): p50 {ours['inside_p50_ms']:.3f} ms  p99 {ours['inside_p99_ms']:.3f} ms; published -> decoded by the subscriber: p99 {ours['wire_p99_ms']:.3f} ms")
     print(f"  frames received {ours['frames_received']}, processed {ours['frames_processed']}, dropped {ours['frames_dropped']}, subscriber gaps {ours['subscriber_gaps']}")
     print(f"ratios: throughput daemon/reference {ours['fps'] / ref['fps']:.3f}; p99 latency daemon/reference {ours['p99_ms'] / ref['p99_ms']:.2f}")
     return 0
