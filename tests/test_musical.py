@@ -181,12 +181,45 @@ def _two_peaks(image: np.ndarray, sub: int) -> np.ndarray:
     return np.array(out)
 
 
-@pytest.mark.parametrize("separation_nm", [50.0, 100.0, 200.0])
+def _lobe_centroids(image: np.ndarray, sub: int, frac: float = 0.3) -> np.ndarray:
+    """The two lobes' intensity centroids (camera px), for an image holding one pair of emitters.
+
+    The sub-pixels above ``frac`` of the maximum are split in two by the line through their
+    intensity centroid, perpendicular to their principal axis (weighted second moments); each half's
+    intensity-weighted centroid is one emitter. Unlike peak finding, this uses the whole lobe, so it
+    does not depend on one noisy sub-pixel maximum (or a spurious side maximum) at 40 nm.
+    """
+    g = subpixel_coords(image.shape[0], sub)
+    yy, xx = np.meshgrid(g, g, indexing="ij")
+    w = np.where(image > frac * image.max(), image, 0.0)
+    cy, cx = np.sum(w * yy) / w.sum(), np.sum(w * xx) / w.sum()
+    dy, dx = yy - cy, xx - cx
+    cov = np.array([[np.sum(w * dy * dy), np.sum(w * dy * dx)], [np.sum(w * dy * dx), np.sum(w * dx * dx)]])
+    axis = np.linalg.eigh(cov)[1][:, -1]
+    along = dy * axis[0] + dx * axis[1]
+    halves = [w * (along < 0), w * (along >= 0)]
+    return np.array([(np.sum(h * yy) / h.sum(), np.sum(h * xx) / h.sum()) for h in halves])
+
+
+@pytest.mark.parametrize("separation_nm", [40.0, 50.0, 100.0, 200.0])
 def test_two_blinking_emitters_resolved(separation_nm: float) -> None:
+    """Issue 5: two blinking emitters 40-200 nm apart at 2000 photons/frame, resolved, separation
+    measured within 10 nm.
+
+    Settings: threshold "auto", α = 2, sub 10. Measured here over 20 seeds (1-20) per separation,
+    error of the lobe-centroid separation (mean ± SD, max |error|): 40 nm +2.3 ± 2.2 (7.9),
+    50 nm −2.4 ± 2.1 (6.3), 100 nm −0.6 ± 1.5 (4.3), 200 nm +0.0 ± 1.2 (2.2); so 10 nm is ≥ 3.5 SD
+    from the mean at every separation. The peak-finding estimator on the same images erred up to
+    23 nm at 40 nm (3 of 20 seeds > 10 nm), and at α = 4 lobes turn spiky and both estimators erred
+    up to 18 nm (lobe centroids) and 140 nm (peaks: a side maximum taken) at 40 nm. Below 40 nm the lobes merge: 35 nm +5.7 ± 2.0 (1 of 20 > 10 nm),
+    30 nm +9.8 ± 2.1 (10 of 20 > 10 nm). The dip between the peaks (< 0.9 of the lower one) shows
+    at 40 nm in 16 of 20 seeds (α 2 or 4 alike; seeds 7, 15, 16, 18 have none) and in 20/20 from
+    50 nm; the seeds here are the first five, not chosen.
+    """
     sub = 10
-    for seed in (1, 2):
+    for seed in range(1, 6):
         stack, truth = blinking_pair(separation_nm, seed)
-        result = musical_image(stack, subpixels=sub, threshold="auto")
+        result = musical_image(stack, subpixels=sub, threshold="auto", alpha=2.0)
         peaks = _two_peaks(result.image, sub)
         # Resolved: each emitter has its own peak (within a quarter of the separation of it) ...
         d = np.hypot(*(peaks[:, None, :] - truth[None, :, :]).transpose(2, 0, 1))
@@ -196,8 +229,9 @@ def test_two_blinking_emitters_resolved(separation_nm: float) -> None:
         line = result.image[int(round((truth[:, 0].mean() + 0.5) * sub - 0.5))]
         i0, i1 = sorted(int(round((p + 0.5) * sub - 0.5)) for p in peaks[:, 1])
         assert line[i0:i1 + 1].min() < 0.9 * min(line[i0], line[i1])
-        # ... and the separation right to 10 nm (measured here: |error| ≤ 4 nm at 50–200 nm).
-        measured = np.hypot(*(peaks[0] - peaks[1])) * PX_NM
+        # ... and the separation right to 10 nm (bound: see the docstring).
+        lobes = _lobe_centroids(result.image, sub)
+        measured = np.hypot(*(lobes[0] - lobes[1])) * PX_NM
         assert abs(measured - separation_nm) <= 10.0
 
 
