@@ -15,12 +15,9 @@ from typing import Any
 from scopestream import __version__
 from scopestream.daemon._config import (
     ConfigError,
-    apply_override,
-    build_config,
     config_to_dict,
     default_config_yaml,
     load_config,
-    read_config_file,
 )
 from scopestream.daemon._errors import InputError
 
@@ -66,16 +63,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from scopestream.daemon._service import Daemon
 
-    data: dict[str, Any] = read_config_file(args.config) if args.config else {}
-    for key, value in (("source.kind", "file"), ("source.file_path", str(args.input)),
-                       ("source.replay_fps", None), ("bus.policy", "block"), ("metrics.enabled", False)):
-        data = apply_override(data, key, value)
-    for text in args.overrides:
-        from scopestream.daemon._config import parse_override
-
-        key, value = parse_override(text)
-        data = apply_override(data, key, value)
-    config = build_config(data)
+    # Every frame of the file, nothing dropped, no ports: analyze is a batch job.
+    preset = {"source.kind": "file", "source.file_path": str(args.input), "source.replay_fps": None,
+              "bus.policy": "block", "metrics.enabled": False}
+    config = load_config(args.config, args.overrides, preset)
     out = Path(args.out)
     daemon = Daemon(config, serve_events=args.publish, serve_control=False, results_dir=str(out))
     stop = daemon.run_until_stopped()

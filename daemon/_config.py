@@ -267,9 +267,16 @@ def build_config(data: Mapping[str, Any]) -> ScopestreamConfig:
         raise ConfigError(describe_validation_error(exc)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ScopestreamConfig:
-    """Load a configuration file (or the defaults) and apply ``KEY=VALUE`` overrides."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    preset: Mapping[str, Any] | None = None,
+) -> ScopestreamConfig:
+    """Load a configuration file (or the defaults), then set the dotted keys of ``preset``
+    (values a command imposes, e.g. ``analyze``'s file source), then apply ``KEY=VALUE`` overrides."""
     data: dict[str, Any] = read_config_file(path) if path is not None else {}
+    for key, value in (preset or {}).items():
+        data = apply_override(data, key, value)
     for text in overrides:
         key, value = parse_override(text)
         data = apply_override(data, key, value)

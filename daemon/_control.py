@@ -15,6 +15,7 @@ from typing import Any
 import zmq
 
 from scopestream.daemon._config import ConfigError
+from scopestream.daemon._publish import bind_socket
 from scopestream.daemon._runner import Runner
 
 log = logging.getLogger(__name__)
@@ -30,12 +31,7 @@ class ControlServer:
         self._ctx = context or zmq.Context.instance()
         self._socket = self._ctx.socket(zmq.REP)
         self._socket.setsockopt(zmq.LINGER, 500)
-        try:
-            self._socket.bind(endpoint)
-        except zmq.ZMQError as exc:
-            self._socket.close(0)
-            raise OSError(f"cannot bind the control channel to {endpoint!r}: {exc}") from None
-        self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = bind_socket(self._socket, endpoint, "control channel")
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="scopestream-control", daemon=True)
         self._thread.start()

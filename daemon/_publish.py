@@ -92,6 +92,19 @@ class EventRouter:
             sink.close()
 
 
+def bind_socket(socket: zmq.Socket[bytes], endpoint: str, role: str) -> str:
+    """Bind ``socket`` to ``endpoint``; returns the bound endpoint (with the port a ``:0`` got).
+
+    On failure the socket is closed and an OSError names the role and the endpoint.
+    """
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as exc:
+        socket.close(0)
+        raise OSError(f"cannot bind the {role} to {endpoint!r}: {exc}") from None
+    return socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
 class ZmqPublisher:
     """A ZeroMQ XPUB socket, sent to from whichever thread publishes, under one lock.
 
@@ -118,12 +131,7 @@ class ZmqPublisher:
         self._socket.setsockopt(zmq.SNDHWM, send_hwm_messages)
         self._socket.setsockopt(zmq.XPUB_VERBOSE, 1)
         self._socket.setsockopt(zmq.LINGER, 2000)
-        try:
-            self._socket.bind(endpoint)
-        except zmq.ZMQError as exc:
-            self._socket.close(0)
-            raise OSError(f"cannot bind the event stream to {endpoint!r}: {exc}") from None
-        self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = bind_socket(self._socket, endpoint, "event stream")
         self._lock = threading.Lock()
         self._closed = False
         self._on_sent = on_sent

@@ -78,7 +78,10 @@ class Stage(Protocol):
         ...
 
 
-StageFactory = Callable[["ScopestreamConfig", BaseModel], Stage]
+# The settings argument is an instance of the plugin's own ``settings_model`` (checked by
+# :func:`build_stage`), so a stage class whose ``__init__(config, settings)`` takes that model can be
+# the factory itself.
+StageFactory = Callable[["ScopestreamConfig", Any], Stage]
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ class StagePlugin:
         Pydantic model of the stage's settings section (``<name>.*`` in the configuration); every
         field has a default, a unit in its name where it has one, and a description.
     build
-        ``build(config, settings) -> Stage``.
+        ``build(config, settings) -> Stage``; usually the stage class itself.
     topics
         Topic name -> body model, for every topic the stage publishes.
     requires
@@ -141,7 +144,11 @@ def installed_stage_plugins() -> dict[str, StagePlugin]:
 
 
 def build_stage(plugin: StagePlugin, config: ScopestreamConfig, settings: BaseModel) -> Stage:
-    """Build a stage and check that it fits the :class:`Stage` protocol."""
+    """Build a stage from its validated settings and check that it fits the :class:`Stage` protocol."""
+    if not isinstance(settings, plugin.settings_model):
+        raise TypeError(
+            f"stage {plugin.name!r} takes {plugin.settings_model.__name__} settings, not {type(settings).__name__}"
+        )
     stage = plugin.build(config, settings)
     if not isinstance(stage, Stage):
         raise TypeError(

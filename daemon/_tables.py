@@ -64,9 +64,12 @@ def _rows(env: Envelope) -> list[dict[str, Any]]:
         if len(lengths) != 1:
             raise ValueError(f"topic {env.topic!r}: table arrays differ in length {sorted(lengths)}")
         n = lengths.pop()
+        if n == 0:
+            return []
         frame = env.frame_seq if env.frame_seq is not None else ""
-        lists = {k: a.tolist() for k, a in columns.items()}
-        return [{"frame": frame, **{k: lists[k][i] for k in lists}} for i in range(n)]
+        names = ["frame", *columns]
+        return [dict(zip(names, values, strict=True))
+                for values in zip([frame] * n, *(a.tolist() for a in columns.values()), strict=True)]
     body = env.body.model_dump(mode="json")
     row: dict[str, Any] = {}
     if "frame_seq" in body:

@@ -496,15 +496,10 @@ class DiffusionStage:
         return self._emissions([final], seq, t)
 
 
-def _build(config: ScopestreamConfig, settings: BaseModel) -> DiffusionStage:
-    assert isinstance(settings, DiffusionSettings)
-    return DiffusionStage(config, settings)
-
-
 PLUGIN = StagePlugin(
     name="diffusion",
     settings_model=DiffusionSettings,
-    build=_build,
+    build=DiffusionStage,
     topics={"diffusion": DiffusionBody},
     requires=("track",),
     tables={"diffusion": "diffusion.csv"},

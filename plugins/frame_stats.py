@@ -93,15 +93,10 @@ class FrameStatsStage:
         return [Emission("frame_stats", body, frame_seq=frame.seq, t_acquired=frame.t_acquired)]
 
 
-def _build(config: ScopestreamConfig, settings: BaseModel) -> FrameStatsStage:
-    assert isinstance(settings, FrameStatsSettings)
-    return FrameStatsStage(config, settings)
-
-
 PLUGIN = StagePlugin(
     name="frame_stats",
     settings_model=FrameStatsSettings,
-    build=_build,
+    build=FrameStatsStage,
     topics={"frame_stats": FrameStatsBody},
     runtime_settable=frozenset({"background_percentile", "sample_stride_px"}),
     tables={"frame_stats": "frame_stats.csv"},

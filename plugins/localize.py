@@ -595,15 +595,10 @@ class LocalizeStage:
         return [Emission("localizations", body, locs.arrays(), frame_seq=frame.seq, t_acquired=frame.t_acquired)]
 
 
-def _build(config: ScopestreamConfig, settings: BaseModel) -> LocalizeStage:
-    assert isinstance(settings, LocalizeSettings)
-    return LocalizeStage(config, settings)
-
-
 PLUGIN = StagePlugin(
     name="localize",
     settings_model=LocalizeSettings,
-    build=_build,
+    build=LocalizeStage,
     topics={"localizations": LocalizationsBody},
     runtime_settable=frozenset({"threshold_snr", "min_separation_px", "min_photons", "method", "max_spots"}),
     tables={"localizations": "localizations.csv"},

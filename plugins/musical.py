@@ -883,15 +883,10 @@ class MusicalStage:
         emissions.append(Emission("musical_skipped", skipped, frame_seq=body["frame_end"]))
 
 
-def _build(config: ScopestreamConfig, settings: BaseModel) -> MusicalStage:
-    assert isinstance(settings, MusicalSettings)
-    return MusicalStage(config, settings)
-
-
 PLUGIN = StagePlugin(
     name="musical",
     settings_model=MusicalSettings,
-    build=_build,
+    build=MusicalStage,
     topics={"musical": MusicalBody, "musical_skipped": MusicalSkippedBody},
     # Not ("track",): without a tracker the stage still runs full-field windows.
     requires=(),

@@ -420,15 +420,10 @@ class TrackStage:
         return [self._emission(upd, None)]
 
 
-def _build(config: ScopestreamConfig, settings: BaseModel) -> TrackStage:
-    assert isinstance(settings, TrackSettings)
-    return TrackStage(config, settings)
-
-
 PLUGIN = StagePlugin(
     name="track",
     settings_model=TrackSettings,
-    build=_build,
+    build=TrackStage,
     topics={"track": TrackBody},
     requires=("localize",),
     runtime_settable=frozenset({"max_displacement_px", "max_gap_frames", "gate_probability", "max_candidates"}),

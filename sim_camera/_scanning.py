@@ -33,41 +33,18 @@ import math
 
 import numpy as np
 
-from scopestream.sim_camera._noise import CameraNoise
-from scopestream.sim_camera._scene import UM2_PER_S_TO_NM2_PER_MS, Scene
+from scopestream.sim_camera._camera import SimulatedCamera
+from scopestream.sim_camera._scene import UM2_PER_S_TO_NM2_PER_MS
 from scopestream.sim_camera._settings import Physics, range_bounds
-from scopestream.sim_camera._truth import empty_truth
 
 
-class ScanningSimulator:
-    """A raster-scanning two-photon microscope looking at a :class:`Scene`; one call per frame.
-
-    Parameters
-    ----------
-    physics
-        Validated settings (see :func:`physics_from_config`).
-    seed
-        Seed of the simulation's random generator; same seed, same movie and truth.
-
-    Attributes
-    ----------
-    frame_index : int
-        Index of the next frame.
-    last_saturated_px : int
-        Pixels clipped at the saturation level in the last frame.
-    """
+class ScanningSimulator(SimulatedCamera):
+    """A raster-scanning two-photon microscope looking at a :class:`Scene` (see :class:`SimulatedCamera`)."""
 
     kind = "scanning"
 
     def __init__(self, physics: Physics, seed: int = 0) -> None:
-        self.physics = physics
-        self._rng = np.random.default_rng(seed)
-        self.scene = Scene(physics, self._rng, z_diffusion=physics.z_diffusion("scanning"))
-        self.noise = CameraNoise(physics, self._rng)
-        self.shape = (physics.sim.frame_height_px, physics.sim.frame_width_px)
-        self.frame_index = 0
-        self.next_frame_start_ms = 0.0
-        self.last_saturated_px = 0
+        super().__init__(physics, seed)
         sim = physics.sim
         a = physics.pixel_size_nm
         self.dwell_ms = sim.scan_dwell_us * 1e-3
@@ -85,11 +62,6 @@ class ScanningSimulator:
         self._window_px = min(self.shape[1], 2 * int(math.ceil(self._reach_px)) + 1)
 
     @property
-    def frame_period_ms(self) -> float:
-        """Time from one frame's start to the next's, ms."""
-        return max(self.physics.frame_interval_ms, self.physics.scan_frame_ms)
-
-    @property
     def exposure_ms(self) -> float:
         """Time to scan one frame, ms."""
         return self.physics.scan_frame_ms
@@ -97,10 +69,6 @@ class ScanningSimulator:
     def row_start_ms(self, frame_start_ms: float) -> np.ndarray:
         """Times at which the beam starts each row of the frame that starts at ``frame_start_ms``, ms."""
         return frame_start_ms + np.arange(self.shape[0]) * self.line_period_ms
-
-    def set_stage_position_nm(self, x_nm: float, y_nm: float) -> None:
-        """Move the field of view: its top-left corner goes to world (x_nm, y_nm) (next frame)."""
-        self.scene.origin_nm = (float(x_nm), float(y_nm))
 
     def next_frame(self, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Scan the next frame.
@@ -111,11 +79,7 @@ class ScanningSimulator:
             The frame (uint16, ADU) and its truth rows (see ``TRUTH_DTYPE``).
         """
         phys, scene = self.physics, self.scene
-        k = self.frame_index
-        if k > 0:
-            scene.switch_states(self.frame_period_ms)
-        scene.respawn_outside()
-        t0 = self.next_frame_start_ms
+        k, t0 = self._begin_frame()
         gap = t0 - scene.time_ms
         if gap > 0:
             scene.advance(np.array([gap]))
@@ -191,13 +155,7 @@ class ScanningSimulator:
         scene.time_ms = t0 + h_img * line_ms
 
         truth = self._truth(k, w_sum, w_pos, w_t, seen, seen_pos, seen_t, mid_pos, mid_t)
-        flat = signal.reshape(-1)
-        touched = np.flatnonzero(flat > 0)
-        image = out if out is not None else np.empty(self.shape, dtype=np.uint16)
-        self.last_saturated_px = self.noise.render(image, touched, flat[touched])
-        self.frame_index += 1
-        self.next_frame_start_ms = t0 + self.frame_period_ms
-        return image, truth
+        return self._finish_frame(signal, t0, out), truth
 
     def _truth(
         self,
@@ -222,17 +180,4 @@ class ScanningSimulator:
         pos[was_seen] = seen_pos[was_seen] / seen[was_seen, None]
         t[was_seen] = seen_t[was_seen] / seen[was_seen]
         x, y = scene.to_px(pos[:, 0], pos[:, 1])
-        h_img, w_img = self.shape
-        truth = empty_truth(len(w_sum))
-        truth["frame"] = k
-        truth["particle"] = scene.particle_id
-        truth["x"] = x
-        truth["y"] = y
-        truth["z"] = pos[:, 2]
-        truth["t_ms"] = t
-        truth["state"] = scene.state_names()
-        truth["D_um2_per_s"] = scene.truth_D_um2_per_s()
-        truth["speed_um_per_s"] = scene.truth_speed_um_per_s()
-        truth["photons"] = w_sum
-        truth["visible"] = (x >= -0.5) & (x < w_img - 0.5) & (y >= -0.5) & (y < h_img - 0.5)
-        return truth
+        return self._truth_rows(k, x, y, z_nm=pos[:, 2], t_ms=t, photons=w_sum)

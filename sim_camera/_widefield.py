@@ -25,10 +25,8 @@ from dataclasses import replace
 import numpy as np
 from scipy.special import j1, ndtr
 
-from scopestream.sim_camera._noise import CameraNoise
-from scopestream.sim_camera._scene import Scene
+from scopestream.sim_camera._camera import SimulatedCamera
 from scopestream.sim_camera._settings import Physics
-from scopestream.sim_camera._truth import empty_truth
 
 
 class _PixelProfile:
@@ -117,45 +115,18 @@ class _AiryTable:
         return np.bincount(flat[valid], weights=patch[valid], minlength=h_img * w_img)
 
 
-class WidefieldSimulator:
-    """A widefield camera looking at a :class:`Scene`; one call per frame.
-
-    Parameters
-    ----------
-    physics
-        Validated settings (see :func:`physics_from_config`).
-    seed
-        Seed of the simulation's random generator; same seed, same movie and truth.
-
-    Attributes
-    ----------
-    frame_index : int
-        Index of the next frame.
-    last_saturated_px : int
-        Pixels clipped at the saturation level in the last frame.
-    """
+class WidefieldSimulator(SimulatedCamera):
+    """A widefield camera looking at a :class:`Scene` (see :class:`SimulatedCamera`)."""
 
     kind = "widefield"
 
     def __init__(self, physics: Physics, seed: int = 0) -> None:
-        self.physics = physics
-        self._rng = np.random.default_rng(seed)
-        self.scene = Scene(physics, self._rng, z_diffusion=physics.z_diffusion("widefield"))
-        self.noise = CameraNoise(physics, self._rng)
-        self.shape = (physics.sim.frame_height_px, physics.sim.frame_width_px)
-        self.frame_index = 0
-        self.next_frame_start_ms = 0.0
-        self.last_saturated_px = 0
+        super().__init__(physics, seed)
         self._sigma_px = physics.psf_sigma_nm / physics.pixel_size_nm
         self._airy = _AiryTable(physics) if physics.sim.psf_model == "airy" else None
         # Patches reach 4.5 sigma past the emitter's pixel edge: the PSF mass left out is < 1e-5.
         self._half_px = int(math.ceil(4.5 * self._sigma_px + 0.5))
         self._profile = _PixelProfile(self._sigma_px) if self._airy is None else None
-
-    @property
-    def frame_period_ms(self) -> float:
-        """Time from one frame's start to the next's, ms."""
-        return max(self.physics.frame_interval_ms, self.physics.exposure_ms)
 
     @property
     def exposure_ms(self) -> float:
@@ -175,14 +146,6 @@ class WidefieldSimulator:
             self.physics, exposure_ms=float(exposure_ms), frame_interval_ms=max(float(frame_interval_ms), float(exposure_ms))
         )
 
-    def set_stage_position_nm(self, x_nm: float, y_nm: float) -> None:
-        """Move the field of view: its top-left corner goes to world (x_nm, y_nm).
-
-        Takes effect at the next frame; particles left outside the band around the new field
-        of view are replaced by new ones.
-        """
-        self.scene.origin_nm = (float(x_nm), float(y_nm))
-
     def next_frame(self, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Simulate the next frame.
 
@@ -197,12 +160,8 @@ class WidefieldSimulator:
             The frame (uint16, ADU) and its truth rows (see ``TRUTH_DTYPE``).
         """
         phys, scene = self.physics, self.scene
-        k = self.frame_index
-        if k > 0:
-            scene.switch_states(self.frame_period_ms)
-        scene.respawn_outside()
+        k, t0 = self._begin_frame()
         n_sub = phys.sim.substeps_per_exposure
-        t0 = self.next_frame_start_ms
         sub_t = t0 + (np.arange(n_sub) + 0.5) * (phys.exposure_ms / n_sub)
         dts = np.diff(np.concatenate([[scene.time_ms], sub_t]))
         path = scene.advance(dts)  # (N, K, 3)
@@ -218,29 +177,16 @@ class WidefieldSimulator:
         cx, cy = scene.to_px(path[:, :, 0], path[:, :, 1])
         weights = np.where(photons[:, None] > 0, w_sub, 1.0)
         weights = weights / weights.sum(axis=1, keepdims=True)
-        truth = empty_truth(len(photons))
-        truth["frame"] = k
-        truth["particle"] = scene.particle_id
-        truth["x"] = (weights * cx).sum(axis=1)
-        truth["y"] = (weights * cy).sum(axis=1)
-        truth["z"] = (weights * path[:, :, 2]).sum(axis=1)
-        truth["t_ms"] = (weights * sub_t[None, :]).sum(axis=1)
-        truth["state"] = scene.state_names()
-        truth["D_um2_per_s"] = scene.truth_D_um2_per_s()
-        truth["speed_um_per_s"] = scene.truth_speed_um_per_s()
-        truth["photons"] = photons
-        h_img, w_img = self.shape
-        truth["visible"] = (
-            (truth["x"] >= -0.5) & (truth["x"] < w_img - 0.5) & (truth["y"] >= -0.5) & (truth["y"] < h_img - 0.5)
+        truth = self._truth_rows(
+            k,
+            x=(weights * cx).sum(axis=1),
+            y=(weights * cy).sum(axis=1),
+            z_nm=(weights * path[:, :, 2]).sum(axis=1),
+            t_ms=(weights * sub_t[None, :]).sum(axis=1),
+            photons=photons,
         )
 
-        signal = self._render(path, w, cx, cy)
-        touched = np.flatnonzero(signal > 0)
-        image = out if out is not None else np.empty(self.shape, dtype=np.uint16)
-        self.last_saturated_px = self.noise.render(image, touched, signal[touched])
-        self.frame_index += 1
-        self.next_frame_start_ms = t0 + self.frame_period_ms
-        return image, truth
+        return self._finish_frame(self._render(path, w, cx, cy), t0, out), truth
 
     def _render(self, path: np.ndarray, w: np.ndarray, cx: np.ndarray, cy: np.ndarray) -> np.ndarray:
         """Expected signal photons per pixel (flat, float64)."""

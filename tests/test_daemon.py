@@ -316,3 +316,13 @@ def test_control_channel_survives_bad_requests(make_config: Callable[..., Scopes
     stop = daemon.runner.run_stop
     assert stop is not None and stop.exit_status == "success"
     assert stop.frames_received == stop.frames_processed + stop.frames_dropped
+
+
+def test_a_taken_endpoint_is_refused_by_name(make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]) -> None:
+    first = Daemon(make_config("source.mm_config=demo", "stages=[frame_stats]"))
+    daemons.append(first)
+    assert first.events_endpoint is not None and first.control_endpoint is not None
+    with pytest.raises(OSError, match=re.escape(f"cannot bind the event stream to {first.events_endpoint!r}")):
+        Daemon(make_config(f"events.endpoint={first.events_endpoint}"))
+    with pytest.raises(OSError, match=re.escape(f"cannot bind the control channel to {first.control_endpoint!r}")):
+        Daemon(make_config(f"control.endpoint={first.control_endpoint}"))
