@@ -93,8 +93,14 @@ class SimulatedCamera:
         """Camera noise over the expected photons ``signal`` (frame shape); advance the frame clock."""
         flat = signal.reshape(-1)
         touched = np.flatnonzero(flat > 0)
+        return self._finish_sparse(touched, flat[touched], t0_ms, out)
+
+    def _finish_sparse(
+        self, index: np.ndarray, photons: np.ndarray, t0_ms: float, out: np.ndarray | None
+    ) -> np.ndarray:
+        """As :meth:`_finish_frame`, with the signal given at flat pixel ``index`` (unique) only."""
         image = out if out is not None else np.empty(self.shape, dtype=np.uint16)
-        self.last_saturated_px = self.noise.render(image, touched, flat[touched])
+        self.last_saturated_px = self.noise.render(image, index, photons)
         self.frame_index += 1
         self.next_frame_start_ms = t0_ms + self.frame_period_ms
         return image

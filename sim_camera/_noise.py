@@ -31,6 +31,7 @@ from scipy.stats import poisson as poisson_distribution
 from scopestream.sim_camera._settings import Physics
 
 _CELLS = 65536
+_CHUNK = 65536  # pixels per look-up chunk (a 512 KB index buffer)
 
 
 class _TableSampler:
@@ -52,16 +53,18 @@ class _TableSampler:
         # A value outside the support marks the ambiguous cells.
         self._sentinel = int(values[-1]) + 1 if int(values[-1]) < 65535 else int(values[0]) - 1
         self._table = np.where(k_lo == k_hi, self._values[k_lo], self._sentinel).astype(np.uint16)
-        self._index = np.empty(0, dtype=np.intp)  # reused look-up index buffer
+        self._index = np.empty(_CHUNK, dtype=np.intp)  # reused look-up index buffer
 
     def sample(self, rng: np.random.Generator, n: int, out: np.ndarray) -> None:
         """Fill ``out`` (1-D uint16, length n) with independent draws."""
         raw = rng.bit_generator.random_raw((n + 3) // 4).view(np.uint16)[:n]
-        if self._index.size < n:
-            self._index = np.empty(n, dtype=np.intp)
-        index = self._index[:n]
-        np.copyto(index, raw)  # into a reused buffer: no fresh 8-byte-per-pixel allocation
-        np.take(self._table, index, out=out)
+        # The look-up goes through an index buffer in the native index type; in chunks of
+        # _CHUNK it stays in the core's cache (twice as fast as one frame-sized buffer).
+        index = self._index
+        for start in range(0, n, _CHUNK):
+            stop = min(n, start + _CHUNK)
+            np.copyto(index[: stop - start], raw[start:stop])
+            np.take(self._table, index[: stop - start], out=out[start:stop])
         amb = np.flatnonzero(out == self._sentinel)
         if amb.size:
             # u = (j + v) / M with v ~ U(0, 1) fresh: exactly uniform given the cell j.
@@ -70,34 +73,37 @@ class _TableSampler:
             out[amb] = self._values[k]
 
 
-def poisson(rng: np.random.Generator, lam: np.ndarray) -> np.ndarray:
-    """Poisson draws (int64), fast for the many small means of PSF tails.
+# Means below this are drawn together (see :func:`poisson`); at or above it, one draw each.
+_SPLIT_MEAN = 0.5
 
-    Means below 12 use exact inversion of the cumulative distribution (one uniform each,
-    vectorized over the shrinking set still searching); larger means use ``rng.poisson``.
+
+def poisson(rng: np.random.Generator, lam: np.ndarray) -> np.ndarray:
+    """Independent Poisson draws (int64, shape of ``lam``), fast for the many tiny means of PSF tails.
+
+    Means below ``_SPLIT_MEAN`` (most signal pixels of a frame: half of them expect under 1e-4
+    photons) are drawn together as one Poisson process split by pixel: the total
+    ``T ~ Poisson(Σλ)``, then each of the ``T`` photons lands in pixel ``i`` with probability
+    ``λ_i / Σλ``. The counts so obtained are exactly independent ``Poisson(λ_i)`` (the splitting
+    property), and the cost follows the few photons received, not the number of pixels. Larger
+    means use ``rng.poisson``.
     """
     lam = np.asarray(lam, dtype=np.float64)
-    out = np.zeros(lam.shape, dtype=np.int64)
-    flat_out = out.reshape(-1)
     flat_lam = lam.reshape(-1)
-    big = flat_lam >= 12.0
-    if big.any():
-        flat_out[big] = rng.poisson(flat_lam[big])
-    small = np.flatnonzero(~big)
-    u = rng.random(small.size)
-    lam_s = flat_lam[small]
-    p = np.exp(-lam_s)
-    c = p.copy()
-    active = np.flatnonzero(u >= c)
-    k = 0
-    while active.size and k < 80:  # P(k > 80) < 1e-40 for means below 12
-        k += 1
-        p = p[active] * lam_s[active] / k
-        c = c[active] + p
-        u, lam_s, small = u[active], lam_s[active], small[active]
-        flat_out[small] = k
-        active = np.flatnonzero(u >= c)
-    return out
+    out = np.zeros(flat_lam.size, dtype=np.int64)
+    small = flat_lam < _SPLIT_MEAN
+    big = np.flatnonzero(~small)
+    if big.size:
+        out[big] = rng.poisson(flat_lam[big])
+    tail = np.flatnonzero(small & (flat_lam > 0.0))
+    if tail.size:
+        cum = np.cumsum(flat_lam[tail])
+        total = int(rng.poisson(cum[-1]))
+        if total:
+            where = np.searchsorted(cum, rng.random(total) * cum[-1], side="right")
+            # u * Σλ can round up to Σλ itself; the last pixel (λ > 0) owns that end of the line.
+            np.minimum(where, tail.size - 1, out=where)
+            out[tail] = np.bincount(where, minlength=tail.size)
+    return out.reshape(lam.shape)
 
 
 class CameraNoise:
