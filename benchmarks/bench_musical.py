@@ -5,9 +5,13 @@ Run:  .venv/bin/python benchmarks/bench_musical.py [--quick]
 Prints, side by side in one run:
 - 25×25 px × 200 frames at sub 20 and sub 10: plain per-pixel loop (SVD of D per pixel, projection
   on all N_w² singular vectors, as a straightforward port of the published code) vs the numpy
-  kernel (float64 and float32 projections) and the torch CPU backend; ratios and agreement.
-- 256×256 px × 200 frames at sub 10 and sub 20 (kernel only; the loop's time extrapolated from
-  its per-window time above, since it would run for tens of minutes).
+  kernel with float64, float32 and mixed projections and the torch CPU backend (float64); times
+  (best of 5, the variants interleaved), speed-ups over the loop and over numpy float64, the
+  largest element-wise relative error against the loop, and the share of (window, test point)
+  pairs that mixed recomputed in float64.
+- The parts at sub 20: Gram matrices, eigh, the projections in each precision.
+- 256×256 px × 200 frames at sub 10 and sub 20, float64 and mixed (kernel only; the loop's time
+  extrapolated from its per-window time above, since it would run for tens of minutes).
 - The worker pool: 8 windows through 2 threads vs 2 spawned processes vs serial.
 
 BLAS is limited to one thread before numpy is imported (SCIENCE.md: batched eigh was 15× slower
@@ -88,9 +92,28 @@ def best_of(fn, repeats: int) -> tuple[float, np.ndarray]:
     return best, out
 
 
+def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Best time and last output of each function, the functions taking turns (fair under load)."""
+    best = {name: np.inf for name in fns}
+    outs = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best, outs
+
+
 def kernel(stack: np.ndarray, sub: int, **kw) -> np.ndarray:
     return mus.musical_image(stack, wavelength_nm=LAMBDA_NM, na=NA, pixel_size_nm=PX_NM,
                              subpixels=sub, threshold=THRESHOLD, **kw).image
+
+
+def recomputed_share(stack: np.ndarray, sub: int) -> float:
+    stats: dict[str, float] = {}
+    geom = core.musical_geometry(LAMBDA_NM, NA, PX_NM, sub)
+    core.musical_canvas(stack / stack.max(), geom, THRESHOLD, 4.0, dtype="mixed", stats=stats)
+    return stats["recomputed"]
 
 
 def main() -> None:
@@ -99,28 +122,40 @@ def main() -> None:
     args = parser.parse_args()
     stack = vesicle_movie(200, 25, seed=1)
     print("MUSICAL benchmark, one core (BLAS 1 thread); λ 510 nm, NA 1.49, 65 nm px (N_w = 7), threshold −1, α 4")
-    print(f"25×25 px × 200 frames, {19 * 19} windows")
+    print(f"25×25 px × 200 frames, {19 * 19} windows; times best of 5 (interleaved); ×loop = speed-up over the "
+          "plain loop, ×f64 = over numpy float64; err = max element-wise relative error against the loop")
     per_window_loop = {}
     for sub in (20, 10):
         core.musical_geometry(LAMBDA_NM, NA, PX_NM, sub)  # G once, outside the timings
         t_loop, ref = best_of(lambda sub=sub: plain_loop(stack, sub), 1)
         per_window_loop[sub] = t_loop / 361
-        t64, out64 = best_of(lambda sub=sub: kernel(stack, sub), 3)
-        t32, out32 = best_of(lambda sub=sub: kernel(stack, sub, dtype="float32"), 3)
-        tt, outt = best_of(lambda sub=sub: kernel(stack, sub, backend="torch"), 2)
-        def err(a: np.ndarray, ref: np.ndarray = ref) -> float:
-            return float(np.max(np.abs(a - ref) / ref))
-        print(f"  sub {sub:2d}: plain loop {t_loop:7.3f} s | numpy f64 {t64:6.3f} s ({t_loop / t64:5.1f}×, "
-              f"max rel err {err(out64):.1e}) | numpy f32 {t32:6.3f} s ({t_loop / t32:5.1f}×, "
-              f"{err(out32):.1e}) | torch CPU f64 {tt:6.3f} s ({t_loop / tt:5.1f}×, {err(outt):.1e})")
+        variants = {
+            "numpy float64": lambda sub=sub: kernel(stack, sub, dtype="float64"),
+            "numpy float32": lambda sub=sub: kernel(stack, sub, dtype="float32"),
+            "numpy mixed": lambda sub=sub: kernel(stack, sub, dtype="mixed"),
+            "torch CPU float64": lambda sub=sub: kernel(stack, sub, backend="torch"),
+        }
+        for fn in variants.values():
+            fn()  # operands (float32 copies, basis) once, outside the timings
+        times, outs = interleaved(variants, 5)
+        print(f"  sub {sub:2d}: plain loop {t_loop:7.3f} s")
+        for name, t in times.items():
+            err = float(np.max(np.abs(outs[name] - ref) / ref))
+            extra = f", recomputed in float64: {recomputed_share(stack, sub):.1%} of pairs" if "mixed" in name else ""
+            print(f"    {name:18s} {t:6.3f} s  ×loop {t_loop / t:5.1f}  ×f64 {times['numpy float64'] / t:4.2f}  "
+                  f"err {err:.1e}{extra}")
     geom = core.musical_geometry(LAMBDA_NM, NA, PX_NM, 20)
     hwk = np.ascontiguousarray(np.moveaxis(stack / stack.max(), 0, -1))
     t_gram, gram = best_of(lambda: core.gram_matrices(hwk, geom), 3)
-    t_eigh, (sigma, _vec) = best_of(lambda: core.eigen_decomposition(gram.reshape(-1, 49, 49)), 3)
+    t_eigh, (sigma, vec) = best_of(lambda: core.eigen_decomposition(gram.reshape(-1, 49, 49)), 3)
     m = core.signal_subspace_size(sigma, THRESHOLD, 200)
     rows = np.minimum(m, 49 - m)
-    print(f"  parts at sub 20: Gram {t_gram * 1e3:.1f} ms, eigh {t_eigh * 1e3:.1f} ms; signal-subspace size M "
-          f"median {int(np.median(m))} (max {m.max()}); rows projected per window {rows.mean():.1f} of 49")
+    t_proj, _ = interleaved({dt: lambda dt=dt: core.indicator_numpy(vec, m, geom, 4.0, dt)
+                             for dt in ("float64", "float32", "mixed")}, 3)
+    print(f"  parts at sub 20: Gram {t_gram * 1e3:.1f} ms, eigh {t_eigh * 1e3:.1f} ms, projections "
+          + ", ".join(f"{dt} {t * 1e3:.0f} ms" for dt, t in t_proj.items())
+          + f"; signal-subspace size M median {int(np.median(m))} (max {m.max()}); rows projected per window "
+          f"{rows.mean():.1f} of 49")
     t_auto, _ = best_of(lambda: mus.musical_image(stack, subpixels=20, threshold="auto").image, 3)
     sig_all = np.sqrt(np.clip(np.linalg.eigvalsh(gram.reshape(-1, 49, 49))[:, ::-1], 0, None))
     thr_auto = core.auto_threshold(sig_all, 200)
@@ -134,9 +169,10 @@ def main() -> None:
     print(f"256×256 px × 200 frames, {n_big} windows (40 Circ vesicles)")
     for sub in (10, 20):
         t_big, _ = best_of(lambda sub=sub: kernel(big, sub), 1)
+        t_mixed, _ = best_of(lambda sub=sub: kernel(big, sub, dtype="mixed"), 1)
         est = per_window_loop[sub] * n_big
-        print(f"  sub {sub:2d}: numpy f64 {t_big:7.1f} s | plain loop (extrapolated from 25×25) {est:7.0f} s "
-              f"({est / t_big:5.1f}×)")
+        print(f"  sub {sub:2d}: numpy f64 {t_big:7.1f} s | numpy mixed {t_mixed:7.1f} s (×f64 {t_big / t_mixed:4.2f}) | "
+              f"plain loop (extrapolated from 25×25) {est:7.0f} s ({est / t_big:5.1f}× f64)")
     movies = [vesicle_movie(200, 25, seed=10 + i) for i in range(8)]
     jobs = [mus._WindowJob(m, float(m.max()), LAMBDA_NM, NA, PX_NM, 10, THRESHOLD, 4.0, "numpy", "cpu")
             for m in movies]

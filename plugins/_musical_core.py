@@ -29,11 +29,21 @@ How it is fast (all of it vectorized over windows):
 - Only the smaller of the two subspaces is projected: ``‖U_sᵀg‖²`` for ``M ≤ N_w² − M``, else
   ``‖U_nᵀg‖²``; the other follows from ``‖g‖² = ‖U_sᵀg‖² + ‖U_nᵀg‖²`` (the eigenvectors of the
   Gram matrix form a complete basis). Typically ``M`` is a few, so this is ~10× fewer flops than
-  projecting on all ``N_w²`` eigenvectors. Windows are grouped by ``M`` so that each group is one
-  matrix product, cut into cache-sized blocks with a reused output buffer.
-- The projections run in float64 by default: the subtraction above loses
-  ``ε · ‖g‖² / ‖U_nᵀg‖²`` relative precision where the indicator is large (at emitters), which in
-  float32 would exceed 1e-4 there. float32 is available where that error is acceptable.
+  projecting on all ``N_w²`` eigenvectors.
+- The projections are one matrix product per block of consecutive windows (≤ 52 rows) and
+  column chunk of ``G`` (~1 MB of product): the product, its squares, their per-window sums (a
+  second, tiny product) and the indicator formula stay in the L2 cache, and each window's chunk
+  of the result is written once. The product is ~80 % of the time at sub 20; it runs near the
+  CPU's peak.
+- Precision (``dtype``). "float64" (default) agrees with a per-pixel SVD loop to ~1e-12.
+  In float32 the subtraction above loses ``ε·‖g‖²/‖U_nᵀg‖²`` relative precision where a test
+  point lies almost in the signal subspace (at emitters: up to ~1e-3). "mixed" runs float32
+  (2× the flops per second) and recomputes in float64 only the (window, test point) pairs
+  whose float32 value may err by more than 5e-5; :func:`mixed_flag_level` derives the rule. Its
+  speed depends on the data: the share of pairs recomputed was 19 % on dense vesicle data at
+  threshold −1 (no faster than float64) and 1–5 % on sparse emitters (up to ~20 % faster).
+  float32 products are done in the singular basis of ``G``, weakest component first
+  (:func:`_psf_basis`), which cuts their rounding error 3×.
 
 Two backends compute the projections: numpy (default) and torch (CPU or CUDA). The Gram matrices
 and ``eigh`` always run on the CPU in float64: ``torch.linalg.eigh`` on CUDA loops over the
@@ -53,7 +63,7 @@ import numpy as np
 from scipy.special import j1
 
 Backend = Literal["numpy", "torch"]
-ProjectionDtype = Literal["float64", "float32"]
+ProjectionDtype = Literal["mixed", "float64", "float32"]
 
 #: Fewest frames a window may have: the degenerate rule of step 5 sets ``M = min(N_w², K) − 3``,
 #: and with fewer than 8 frames at most 5 singular values exist, so the signal/noise split (and the
@@ -67,8 +77,16 @@ _NOISE_FLOOR_REL = 1e-12
 # Elements of the per-band indicator array (windows × test points), float64: ~64 MB.
 _BAND_ELEMENTS = 8_000_000
 
-# Rows per block of the projection product: small enough that the block output stays in cache.
-_PROJECTION_BLOCK_ROWS = 48
+# Rows per block of the projection product, and the bytes one block × column chunk of it may take:
+# small enough that the product, its squares and the indicator formula stay in the L2 cache.
+_PROJECTION_BLOCK_ROWS = 52
+_PROJECTION_BLOCK_BYTES = 1 << 20
+
+# Mixed precision (see mixed_flag_level): float32 machine epsilon, the error constant c (above
+# the largest measured) and the relative error a float32 indicator value may have.
+_F32_EPS = 2.0**-23
+_MIXED_C = 2.5
+_MIXED_REL_ERROR = 5e-5
 
 
 def window_size_px(wavelength_nm: float, na: float, pixel_size_nm: float) -> int:
@@ -315,6 +333,333 @@ def auto_threshold(sigma: np.ndarray, n_frames: int) -> float:
 # -- projections -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _ProjectionOperands:
+    """What the numpy projections of one geometry in one precision read (built once, cached).
+
+    Attributes
+    ----------
+    dtype
+        Working precision of the products (float64, or float32 for "float32" and "mixed").
+    basis
+        float32 precisions only: ``V``, the left singular vectors of ``G`` weakest first
+        (:func:`_psf_basis`); the PSF matrix is stored as ``Vᵀ G`` and the eigenvector rows are
+        rotated by ``V`` to match (a rotation: the norms are the same).
+    chunks
+        The test points cut into column chunks, each ``(start, stop, psf, norm2_hi, norm2_lo,
+        floor)``: its columns of the (rotated) PSF matrix, contiguous, in the working precision;
+        ``‖g‖²`` as a working-precision part plus the rest (``hi + lo`` is ``‖g‖²`` to float64
+        precision, so the subtraction ``hi − s`` near ``s ≈ ‖g‖²`` is exact in float32); the noise
+        floor ``_NOISE_FLOOR_REL · ‖g‖²``.
+    psf_t
+        "mixed" only: ``Gᵀ`` float64 C-contiguous, whose rows are gathered for the recomputation.
+    """
+
+    dtype: np.dtype[Any]
+    basis: np.ndarray | None
+    chunks: tuple[tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray], ...]
+    psf_t: np.ndarray | None
+
+
+_OPERANDS_CACHE: dict[tuple[int, str], tuple[MusicalGeometry, _ProjectionOperands]] = {}
+
+
+def _projection_operands(geometry: MusicalGeometry, dtype: ProjectionDtype) -> _ProjectionOperands:
+    """The operands of :func:`indicator_numpy` for ``geometry`` in ``dtype`` (cached)."""
+    key = (id(geometry), dtype)
+    hit = _OPERANDS_CACHE.get(key)
+    if hit is not None and hit[0] is geometry:
+        return hit[1]
+    work = np.dtype(np.float64 if dtype == "float64" else np.float32)
+    g = geometry.psf_matrix
+    basis = None
+    if work == np.float32:
+        basis = _basis_of(geometry)
+        g = basis.T @ g
+    norm2 = geometry.psf_norm2
+    # A block of _PROJECTION_BLOCK_ROWS rows times one chunk: about _PROJECTION_BLOCK_BYTES.
+    n_chunks = max(1, round(g.shape[1] * _PROJECTION_BLOCK_ROWS * work.itemsize / _PROJECTION_BLOCK_BYTES))
+    chunks = []
+    for part in np.array_split(np.arange(g.shape[1]), n_chunks):
+        start, stop = int(part[0]), int(part[-1]) + 1
+        hi = norm2[start:stop].astype(work)
+        lo = (norm2[start:stop] - hi).astype(work)
+        floor = (_NOISE_FLOOR_REL * norm2[start:stop]).astype(work)
+        psf = np.ascontiguousarray(g[:, start:stop], dtype=work)
+        for arr in (hi, lo, floor, psf):
+            arr.setflags(write=False)
+        chunks.append((start, stop, psf, hi, lo, floor))
+    psf_t = None
+    if dtype == "mixed":
+        psf_t = np.ascontiguousarray(geometry.psf_matrix.T)
+        psf_t.setflags(write=False)
+    ops = _ProjectionOperands(work, basis, tuple(chunks), psf_t)
+    if len(_OPERANDS_CACHE) > 8:
+        _OPERANDS_CACHE.clear()
+    _OPERANDS_CACHE[key] = (geometry, ops)
+    return ops
+
+
+def _psf_basis(g: np.ndarray) -> np.ndarray:
+    """Orthonormal basis of the window-pixel space: the left singular vectors of ``G``, weakest first.
+
+    In this basis a test point's coordinates ``h = Vᵀg`` fall off steeply (the singular values of
+    ``G`` span 1 to 4e-7 at N_w = 7), and in this order a float32 dot product adds the small terms
+    before the large ones, so its rounding error is about the size of the result's last bits
+    rather than of the largest partial sum. Measured (benchmark vesicle data, sub 10): the error
+    constant ``c`` of :func:`mixed_flag_level`, squares summed in float64, was ≤ 3.9 in the pixel
+    basis, ≤ 6.2 in this basis strongest first and ≤ 1.4 weakest first.
+    """
+    left, _, _ = np.linalg.svd(g, full_matrices=False)
+    return np.ascontiguousarray(left[:, ::-1])
+
+
+def mixed_flag_level(alpha: float) -> float:
+    """``T_α``: the "mixed" precision recomputes a (window, test point) in float64 where ``√p·o < T_α``.
+
+    ``p`` is the share of ``‖g‖²`` on the side that is projected (the smaller subspace: the
+    signal side, ``‖U_sᵀg‖²/‖g‖²``, when ``M ≤ N_w²/2``), ``o = 1 − p`` the share of the side found
+    by subtraction.
+
+    Error model. The float32 product gives each component of ``r = U_sideᵀg`` with an absolute
+    error of order ``ε‖g‖`` (``ε = 2⁻²³``: input rounding, and the accumulation, whose partial
+    sums are of the order of ``‖g‖``), so ``s = ‖r‖²`` errs by ``δs = 2cε·√s·‖g‖`` with ``c`` a
+    number of order 1. The projected side's relative error is then ``δs/s = 2cε/√p`` (large where
+    that side is tiny); the subtracted side ``‖g‖² − s`` has the relative error
+    ``δs/(o‖g‖²) = 2cε·√p/o`` (large where it is tiny: cancellation); the ratio of the two
+    sides has the sum of both, and ``f = ratio^{α/2}`` multiplies it by ``α/2``:
+
+        relative error of f  ≈  (α/2) · 2cε · (1/√p + √p/o)  =  α·c·ε / (√p·o)        (p + o = 1)
+
+    whichever side is projected. Measured with this module's float32 path (rotated basis,
+    weakest component first, float32 squares and sums) against float64 at sub 10, in eleven
+    cases (the benchmark's vesicle movies and blinking pairs, thresholds −1 and auto, α 2 and 4;
+    ~10 million (window, test point) pairs): ``c`` had median 0.15–0.2, 99.9th percentile
+    1.0–1.4 and maximum 1.6–2.4, larger with more rows projected.
+
+    Flag level. With ``c = _MIXED_C = 2.5`` (above every measured value), a float32 value is kept
+    only where its error is at most ``_MIXED_REL_ERROR = 5e-5``, half the 1e-4 asked of the
+    output (which is a mean of such values over the overlapping windows):
+
+        T_α = α · c · ε / _MIXED_REL_ERROR  ≈  0.006 · α      (0.024 at α = 4).
+
+    In the terms "each component errs by c'·ε₃₂·‖g‖ with ε₃₂ = 2⁻²⁴ ≈ 6e-8 and c' ≈ 1", this is a
+    margin of 10 under 1e-4; against the largest measured ``c`` it is a margin of 2. Measured on
+    the output (the mean over windows) against a per-pixel float64 loop, the largest element-wise
+    error was 1.5e-5 over the tests' and the benchmark's cases (≥ 6× under 1e-4). The
+    noise-floor clamp (``_NOISE_FLOOR_REL``) acts only where ``o < 1e-12``, which is always
+    flagged, so it is applied in float64 exactly as in the float64 path.
+    """
+    return float(alpha) * _MIXED_C * _F32_EPS / _MIXED_REL_ERROR
+
+
+def _stacked_rows(vectors: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows to project on, of every window, stacked in window order.
+
+    Returns ``rows`` ``(Σ r_w, n)`` float64 (the transposed eigenvectors of the smaller subspace of
+    window ``w``, ``r_w = min(M_w, n − M_w)`` of them, never 0), ``starts`` (the first row of
+    each window) and ``signal_side`` (whether window ``w`` projects its signal subspace).
+    """
+    n = vectors.shape[-1]
+    signal_side = m <= n - m
+    counts = np.where(signal_side, m, n - m)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.intp)
+    rows = np.empty((int(counts.sum()), n), dtype=np.float64)
+    for m_value in np.unique(m):
+        idx = np.flatnonzero(m == m_value)
+        m_int = int(m_value)
+        sl = slice(0, m_int) if m_int <= n - m_int else slice(m_int, n)
+        dest = (starts[idx][:, None] + np.arange(sl.stop - sl.start)[None, :]).ravel()
+        rows[dest] = vectors[idx][:, :, sl].transpose(0, 2, 1).reshape(-1, n)
+    return rows, starts, signal_side
+
+
+def _window_blocks(starts: np.ndarray, n_rows: int, max_rows: int) -> list[tuple[int, int, int, int]]:
+    """Consecutive windows ``[w0, w1)`` with rows ``[r0, r1)``, at most ``max_rows`` rows (at
+    least one window) each."""
+    ends = np.append(starts[1:], n_rows)
+    blocks = []
+    w0 = 0
+    while w0 < starts.size:
+        w1 = max(w0 + 1, int(np.searchsorted(ends, starts[w0] + max_rows, side="right")))
+        blocks.append((w0, w1, int(starts[w0]), int(ends[w1 - 1])))
+        w0 = w1
+    return blocks
+
+
+def _segment_sums(starts: np.ndarray, n_rows: int, dtype: np.dtype[Any]) -> np.ndarray | None:
+    """``S (windows, rows)``, 1 where the row belongs to the window (window ``i``'s rows start at
+    ``starts[i]``): ``S @ squares`` sums each window's rows in one small matrix product (10×
+    faster than ``np.add.reduceat`` over rows). None when every window has one row."""
+    if starts.size == n_rows:
+        return None
+    owner = np.searchsorted(starts, np.arange(n_rows), side="right") - 1
+    s = np.zeros((starts.size, n_rows), dtype=dtype)
+    s[owner, np.arange(n_rows)] = 1.0
+    return s
+
+
+def indicator_numpy(
+    vectors: np.ndarray,
+    m: np.ndarray,
+    geometry: MusicalGeometry,
+    alpha: float,
+    dtype: ProjectionDtype = "float64",
+    stats: dict[str, float] | None = None,
+) -> np.ndarray:
+    """Indicator of every window at every test point, numpy backend.
+
+    Parameters
+    ----------
+    vectors
+        Eigenvectors, shape ``(windows, n, n)``, columns sorted by descending singular value.
+    m
+        Signal-subspace size per window, shape ``(windows, )``.
+    geometry
+        From :func:`musical_geometry`.
+    alpha
+        Exponent of the indicator.
+    dtype
+        Precision of the projection products. ``"float64"``: agrees with a per-pixel SVD loop to
+        ~1e-12. ``"float32"``: the products in float32 (in the rotated basis of
+        :func:`_psf_basis`); errs up to ~1e-3 relative where a test point lies almost in the
+        signal subspace (at emitters). ``"mixed"``: float32, then the (window, test point) pairs
+        whose float32 value may err by more than 5e-5 (:func:`mixed_flag_level`) again in
+        float64, from the float64 eigenvectors and ``G``.
+    stats
+        If given, ``stats["recomputed"]`` is set to the fraction of (window, test point) pairs
+        recomputed in float64 (0 unless "mixed").
+
+    Returns
+    -------
+    np.ndarray
+        Shape ``(windows, (N_w·sub)²)`` float64.
+
+    Notes
+    -----
+    Windows are taken in blocks of consecutive windows with at most ``_PROJECTION_BLOCK_ROWS``
+    rows to project on, test points in column chunks, so that a block's product with one chunk
+    (~1 MB), its squares, their per-window sums and the indicator formula stay in the L2 cache;
+    each window's chunk of the result is written once.
+    """
+    if dtype not in ("float64", "float32", "mixed"):
+        raise ValueError(f"dtype must be 'mixed', 'float64' or 'float32', got {dtype!r}")
+    ops = _projection_operands(geometry, dtype)
+    work = ops.dtype
+    n_win, n_test = vectors.shape[0], geometry.n_test
+    rows64, starts, signal_side = _stacked_rows(vectors, m)
+    rows = (rows64 if ops.basis is None else rows64 @ ops.basis).astype(work, copy=False)
+    half_alpha = 0.5 * float(alpha)
+    result = np.empty((n_win, n_test), dtype=np.float64)
+    flags = np.zeros((n_win, n_test), dtype=bool) if dtype == "mixed" else None
+    # Flag where p·o² < T², i.e. side·other² < T²·‖g‖⁶ (no square root).
+    level2 = mixed_flag_level(alpha) ** 2
+    flag_below = [(level2 * hi) * (hi * hi) for _, _, _, hi, _, _ in ops.chunks]
+    max_cols = max(stop - start for start, stop, *_ in ops.chunks)
+    product_buf = np.empty(_PROJECTION_BLOCK_ROWS * max_cols + n_test, dtype=work)
+    side_buf = np.empty(3 * _PROJECTION_BLOCK_ROWS * max_cols, dtype=work)
+    for w0, w1, r0, r1 in _window_blocks(starts, rows.shape[0], _PROJECTION_BLOCK_ROWS):
+        nw = w1 - w0
+        summing = _segment_sums(starts[w0:w1] - r0, r1 - r0, work)
+        flip = ~signal_side[w0:w1]  # these windows project their noise side
+        any_flip = bool(flip.any())
+        for k, (start, stop, psf, hi, lo, floor) in enumerate(ops.chunks):
+            cols = stop - start
+            size = nw * cols
+            prod = product_buf[: (r1 - r0) * cols].reshape(r1 - r0, cols)
+            np.matmul(rows[r0:r1], psf, out=prod)
+            np.multiply(prod, prod, out=prod)
+            side = side_buf[:size].reshape(nw, cols)
+            if summing is None:
+                side[...] = prod
+            else:
+                np.matmul(summing, prod, out=side)
+            other = side_buf[size : 2 * size].reshape(nw, cols)
+            np.subtract(hi, side, out=other)
+            if work != np.float64:
+                np.add(other, lo, out=other)
+            if flags is not None:
+                tmp = side_buf[2 * size : 3 * size].reshape(nw, cols)
+                np.multiply(other, other, out=tmp)
+                np.multiply(tmp, side, out=tmp)
+                np.less(tmp, flag_below[k], out=flags[w0:w1, start:stop])
+            signal, noise = side, other
+            if any_flip:
+                signal = np.where(flip[:, None], other, side)
+                noise = np.where(flip[:, None], side, other)
+                np.maximum(signal, 0.0, out=signal)
+            np.maximum(noise, floor, out=noise)
+            np.divide(signal, noise, out=signal)
+            _power_into(result[w0:w1, start:stop], signal, half_alpha)
+    recomputed = 0
+    if flags is not None:
+        assert ops.psf_t is not None
+        recomputed = _recompute_float64(result, flags, rows64, starts, signal_side, geometry, ops.psf_t, half_alpha)
+    if stats is not None:
+        stats["recomputed"] = recomputed / max(1, n_win * n_test)
+    return result
+
+
+def _power_into(out: np.ndarray, ratio: np.ndarray, half_alpha: float) -> None:
+    """``out[...] = ratio ** half_alpha``, computed in float64 (``out``'s precision)."""
+    if half_alpha == 2.0:
+        np.multiply(ratio, ratio, out=out, dtype=np.float64)
+    elif half_alpha == 1.0:
+        out[...] = ratio
+    else:
+        np.power(ratio, half_alpha, out=out, dtype=np.float64)
+
+
+def _recompute_float64(
+    result: np.ndarray,
+    flags: np.ndarray,
+    rows64: np.ndarray,
+    starts: np.ndarray,
+    signal_side: np.ndarray,
+    geometry: MusicalGeometry,
+    psf_t: np.ndarray,
+    half_alpha: float,
+) -> int:
+    """Overwrite the flagged (window, test point) values of ``result`` with float64 ones.
+
+    Per window, the PSF vectors of its flagged test points are gathered (rows of ``Gᵀ``) and
+    projected in float64 with the float64 path's formula. Returns how many values were recomputed.
+    """
+    norm2 = geometry.psf_norm2
+    ends = np.append(starts[1:], rows64.shape[0])
+    total = 0
+    for w in np.flatnonzero(flags.any(axis=1)):
+        idx = np.flatnonzero(flags[w])
+        total += idx.size
+        proj = rows64[starts[w] : ends[w]] @ np.take(psf_t, idx, axis=0).T
+        np.multiply(proj, proj, out=proj)
+        side = np.add.reduce(proj, axis=0)
+        n2 = norm2[idx]
+        other = n2 - side
+        signal, noise = (side, other) if signal_side[w] else (other, side)
+        np.maximum(noise, _NOISE_FLOOR_REL * n2, out=noise)
+        np.maximum(signal, 0.0, out=signal)
+        np.divide(signal, noise, out=signal)
+        result[w, idx] = signal * signal if half_alpha == 2.0 else signal**half_alpha
+    return total
+
+
+_BASIS_CACHE: dict[int, tuple[MusicalGeometry, np.ndarray]] = {}
+
+
+def _basis_of(geometry: MusicalGeometry) -> np.ndarray:
+    """:func:`_psf_basis` of ``geometry``'s PSF matrix (cached)."""
+    hit = _BASIS_CACHE.get(id(geometry))
+    if hit is not None and hit[0] is geometry:
+        return hit[1]
+    basis = _psf_basis(geometry.psf_matrix)
+    basis.setflags(write=False)
+    if len(_BASIS_CACHE) > 8:
+        _BASIS_CACHE.clear()
+    _BASIS_CACHE[id(geometry)] = (geometry, basis)
+    return basis
+
+
 def _side_rows(vectors: np.ndarray, m: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, bool]]:
     """Group windows by ``M``; for each group the rows to project on: (window index, rows, signal?).
 
@@ -331,75 +676,6 @@ def _side_rows(vectors: np.ndarray, m: np.ndarray) -> list[tuple[np.ndarray, np.
     return groups
 
 
-def _indicator_from_side(
-    side_sum: np.ndarray, signal_side: bool, norm2: np.ndarray, alpha: float
-) -> np.ndarray:
-    """From the projected side's squared norms ``(windows, tests)`` to ``(‖U_sᵀg‖/‖U_nᵀg‖)^α``.
-
-    Works in place on ``side_sum`` (float64) and returns it.
-    """
-    other = norm2[None, :] - side_sum
-    if signal_side:
-        signal, noise = side_sum, other
-    else:
-        signal, noise = other, side_sum
-    np.maximum(noise, _NOISE_FLOOR_REL * norm2[None, :], out=noise)
-    np.maximum(signal, 0.0, out=signal)
-    np.divide(signal, noise, out=side_sum)
-    if alpha == 4.0:
-        np.multiply(side_sum, side_sum, out=side_sum)
-    else:
-        np.power(side_sum, 0.5 * alpha, out=side_sum)
-    return side_sum
-
-
-def indicator_numpy(
-    vectors: np.ndarray,
-    m: np.ndarray,
-    geometry: MusicalGeometry,
-    alpha: float,
-    dtype: ProjectionDtype = "float64",
-) -> np.ndarray:
-    """Indicator of every window at every test point, numpy backend.
-
-    Parameters
-    ----------
-    vectors
-        Eigenvectors, shape ``(windows, n, n)``, columns sorted by descending singular value.
-    m
-        Signal-subspace size per window, shape ``(windows, )``.
-    geometry
-        From :func:`musical_geometry`.
-    alpha
-        Exponent of the indicator.
-    dtype
-        Precision of the projection products.
-
-    Returns
-    -------
-    np.ndarray
-        Shape ``(windows, (N_w·sub)²)`` float64.
-    """
-    n_win = vectors.shape[0]
-    g = geometry.psf_matrix.astype(dtype, copy=False)
-    norm2 = geometry.psf_norm2
-    n_test = g.shape[1]
-    result = np.empty((n_win, n_test), dtype=np.float64)
-    block = np.empty((_PROJECTION_BLOCK_ROWS, n_test), dtype=dtype)
-    for idx, rows, is_signal in _side_rows(vectors, m):
-        r = rows.shape[1]
-        flat = rows.reshape(-1, rows.shape[2]).astype(dtype, copy=False)
-        per_block = max(1, _PROJECTION_BLOCK_ROWS // r)
-        for start in range(0, idx.size, per_block):
-            stop = min(idx.size, start + per_block)
-            out = block[: (stop - start) * r]
-            np.matmul(flat[start * r : stop * r], g, out=out)
-            np.multiply(out, out, out=out)
-            side = out.reshape(stop - start, r, n_test).sum(axis=1, dtype=np.float64)
-            result[idx[start:stop]] = _indicator_from_side(side, is_signal, norm2, alpha)
-    return result
-
-
 def indicator_torch(
     vectors: np.ndarray,
     m: np.ndarray,
@@ -407,24 +683,40 @@ def indicator_torch(
     alpha: float,
     dtype: ProjectionDtype = "float64",
     device: str = "cpu",
+    stats: dict[str, float] | None = None,
 ) -> np.ndarray:
-    """As :func:`indicator_numpy`, with the projections in torch on ``device``."""
+    """As :func:`indicator_numpy`, with the projections in torch on ``device``.
+
+    Windows are grouped by ``M`` (one matrix product per block of a group). "float32" and
+    "mixed" project in the rotated basis of :func:`_psf_basis` like the numpy backend, but sum
+    the squares in float64; "mixed" flags with the same :func:`mixed_flag_level` and recomputes
+    the flagged points in float64, one window at a time.
+    """
     import torch
 
-    tdtype = torch.float64 if dtype == "float64" else torch.float32
+    if dtype not in ("float64", "float32", "mixed"):
+        raise ValueError(f"dtype must be 'mixed', 'float64' or 'float32', got {dtype!r}")
+    low = dtype != "float64"
+    tdtype = torch.float32 if low else torch.float64
     dev = torch.device(device)
-    g = _torch_psf_matrix(geometry, tdtype, dev)
+    g = _torch_psf_matrix(geometry, tdtype, dev, rotated=low)
+    basis = torch.from_numpy(np.array(_basis_of(geometry))).to(dev) if low else None
     norm2 = torch.from_numpy(np.array(geometry.psf_norm2)).to(dev)[None, :]
     floor = _NOISE_FLOOR_REL * norm2
+    half_alpha = 0.5 * float(alpha)
+    flag_below = mixed_flag_level(alpha) ** 2 * norm2**3  # p·o² < T² ⇔ side·other² < T²‖g‖⁶
     n_win = vectors.shape[0]
     n_test = g.shape[1]
     result = torch.empty((n_win, n_test), dtype=torch.float64, device=dev)
+    flags = torch.zeros((n_win, n_test), dtype=torch.bool, device=dev) if dtype == "mixed" else None
     # On CPU, small blocks keep the output in cache; on a GPU, large blocks fill the device.
     block_rows = _PROJECTION_BLOCK_ROWS if dev.type == "cpu" else 8192
     block = torch.empty((block_rows, n_test), dtype=tdtype, device=dev)
-    for idx, rows, is_signal in _side_rows(vectors, m):
+    groups = _side_rows(vectors, m)
+    for idx, rows, is_signal in groups:
         r = rows.shape[1]
-        flat = torch.from_numpy(rows.reshape(-1, rows.shape[2])).to(dev, tdtype)
+        flat = torch.from_numpy(rows.reshape(-1, rows.shape[2])).to(dev)
+        flat = (flat @ basis).to(tdtype) if basis is not None else flat
         tidx = torch.from_numpy(idx).to(dev)
         per_block = max(1, block_rows // r)
         for start in range(0, idx.size, per_block):
@@ -434,25 +726,48 @@ def indicator_torch(
             out.mul_(out)
             side = out.view(stop - start, r, n_test).sum(dim=1, dtype=torch.float64)
             other = norm2 - side
+            if flags is not None:
+                flags[tidx[start:stop]] = side * other * other < flag_below
             signal, noise = (side, other) if is_signal else (other, side)
             ratio = signal.clamp_(min=0.0) / torch.maximum(noise, floor)
-            result[tidx[start:stop]] = ratio.pow_(0.5 * alpha)
+            result[tidx[start:stop]] = ratio.pow_(half_alpha)
+    recomputed = 0
+    if flags is not None:
+        g64 = _torch_psf_matrix(geometry, torch.float64, dev, rotated=False)
+        for idx, rows, is_signal in groups:
+            rows64 = torch.from_numpy(rows).to(dev)
+            for j, w in enumerate(idx.tolist()):
+                sel = torch.nonzero(flags[w]).squeeze(1)
+                if sel.numel() == 0:
+                    continue
+                recomputed += int(sel.numel())
+                proj = rows64[j] @ g64[:, sel]
+                side = (proj * proj).sum(dim=0)
+                n2 = norm2[0, sel]
+                other = n2 - side
+                signal, noise = (side, other) if is_signal else (other, side)
+                ratio = signal.clamp(min=0.0) / torch.maximum(noise, _NOISE_FLOOR_REL * n2)
+                result[w, sel] = ratio.pow(half_alpha)
+    if stats is not None:
+        stats["recomputed"] = recomputed / max(1, n_win * n_test)
     out_np: np.ndarray = result.cpu().numpy()
     return out_np
 
 
-_TORCH_G_CACHE: dict[tuple[int, Any, str], Any] = {}
+_TORCH_G_CACHE: dict[tuple[int, Any, str, bool], Any] = {}
 
 
-def _torch_psf_matrix(geometry: MusicalGeometry, tdtype: Any, dev: Any) -> Any:
+def _torch_psf_matrix(geometry: MusicalGeometry, tdtype: Any, dev: Any, rotated: bool) -> Any:
+    """``G`` (or ``Vᵀ G`` if ``rotated``, :func:`_psf_basis`) as a torch tensor (cached)."""
     import torch
 
-    key = (id(geometry), tdtype, str(dev))
+    key = (id(geometry), tdtype, str(dev), rotated)
     g = _TORCH_G_CACHE.get(key)
     if g is None:
         if len(_TORCH_G_CACHE) > 8:
             _TORCH_G_CACHE.clear()
-        g = torch.from_numpy(np.array(geometry.psf_matrix)).to(dev, tdtype)
+        psf = _basis_of(geometry).T @ geometry.psf_matrix if rotated else np.array(geometry.psf_matrix)
+        g = torch.from_numpy(psf).to(dev, tdtype)
         _TORCH_G_CACHE[key] = g
     return g
 
@@ -490,6 +805,7 @@ def musical_canvas(
     device: str = "cpu",
     dtype: ProjectionDtype = "float64",
     band_elements: int = _BAND_ELEMENTS,
+    stats: dict[str, float] | None = None,
 ) -> np.ndarray:
     """MUSICAL image of an already normalized stack (steps 3–8).
 
@@ -504,10 +820,13 @@ def musical_canvas(
     alpha
         Indicator exponent.
     backend, device, dtype
-        Where and in which precision the projections run.
+        Where and in which precision the projections run (see :func:`indicator_numpy`).
     band_elements
         Memory bound: windows are processed in bands of window rows whose indicator array has at
         most about this many elements (at least one window row).
+    stats
+        If given, ``stats["recomputed"]`` is set to the fraction of (window, test point) pairs
+        that "mixed" recomputed in float64.
 
     Returns
     -------
@@ -527,27 +846,38 @@ def musical_canvas(
         extra = {"dtype": dtype, "device": device}
     else:
         raise ValueError(f"backend must be 'numpy' or 'torch', got {backend!r}")
+    part: dict[str, float] = {}
+    recomputed = 0.0
     hwk = np.ascontiguousarray(np.moveaxis(np.asarray(stack, dtype=np.float64), 0, -1))
-    canvas = np.zeros((h, sub, w, sub), dtype=np.float64)
+    canvas = np.zeros((h * sub, w * sub), dtype=np.float64)
     band_rows = max(1, band_elements // max(1, n_cols * geometry.n_test))
     for r0 in range(0, n_rows, band_rows):
         r1 = min(n_rows, r0 + band_rows)
         gram = gram_matrices(hwk[r0 : r1 + n_w - 1], geometry)
         sigma, vectors = eigen_decomposition(gram.reshape(-1, n_w * n_w, n_w * n_w))
         m = signal_subspace_size(sigma, threshold_log10, k)
-        f = indicator(vectors, m, geometry, alpha, **extra)
-        _accumulate(canvas, f.reshape(r1 - r0, n_cols, n_w, sub, n_w, sub), r0)
-    counts = _window_counts(h, n_w)[:, None, None, None] * _window_counts(w, n_w)[None, None, :, None]
+        f = indicator(vectors, m, geometry, alpha, stats=part, **extra)
+        recomputed += part.get("recomputed", 0.0) * f.size
+        _accumulate(canvas, f.reshape(r1 - r0, n_cols, n_w * sub, n_w * sub), r0, sub)
+    counts = np.repeat(_window_counts(h, n_w), sub)[:, None] * np.repeat(_window_counts(w, n_w), sub)[None, :]
     canvas /= counts
-    return canvas.reshape(h * sub, w * sub)
+    if stats is not None:
+        stats["recomputed"] = recomputed / (n_rows * n_cols * geometry.n_test)
+    return canvas
 
 
-def _accumulate(canvas: np.ndarray, patches: np.ndarray, r0: int) -> None:
-    """Add window patches ``(rows, cols, N_w, sub, N_w, sub)`` into ``canvas (H, sub, W, sub)``."""
-    n_r, n_c, n_w = patches.shape[0], patches.shape[1], patches.shape[2]
-    for a in range(n_w):
-        for b in range(n_w):
-            canvas[r0 + a : r0 + a + n_r, :, b : b + n_c, :] += patches[:, :, a, :, b, :].transpose(0, 2, 1, 3)
+def _accumulate(canvas: np.ndarray, patches: np.ndarray, r0: int, sub: int) -> None:
+    """Add window patches ``(rows, cols, N_w·sub, N_w·sub)`` into ``canvas (H·sub, W·sub)``.
+
+    One add per window: each is a block of whole contiguous patch rows (2× faster than one
+    add per window pixel over all windows, which reads the patches transposed).
+    """
+    n_r, n_c, side = patches.shape[0], patches.shape[1], patches.shape[2]
+    for r in range(n_r):
+        y0 = (r0 + r) * sub
+        band = canvas[y0 : y0 + side]
+        for c in range(n_c):
+            band[:, c * sub : c * sub + side] += patches[r, c]
 
 
 def _window_counts(length: int, n_w: int) -> np.ndarray:
