@@ -64,7 +64,8 @@ class _TableSampler:
         for start in range(0, n, _CHUNK):
             stop = min(n, start + _CHUNK)
             np.copyto(index[: stop - start], raw[start:stop])
-            np.take(self._table, index[: stop - start], out=out[start:stop])
+            # Indices are 16-bit, always inside the table: "wrap" skips take's bounds check.
+            np.take(self._table, index[: stop - start], out=out[start:stop], mode="wrap")
         amb = np.flatnonzero(out == self._sentinel)
         if amb.size:
             # u = (j + v) / M with v ~ U(0, 1) fresh: exactly uniform given the cell j.
