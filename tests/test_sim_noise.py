@@ -64,7 +64,7 @@ def test_table_sampler_draws_exactly_the_background_distribution() -> None:
 
 def test_fast_poisson_matches_poisson_moments() -> None:
     rng = np.random.default_rng(3)
-    for lam in (1e-3, 0.7, 5.0, 11.9, 40.0):
+    for lam in (1e-3, 0.3, 0.49, 0.7, 5.0, 11.9, 40.0):  # below 0.5: drawn as one split process
         draws = poisson(rng, np.full(200_000, lam))
         n = draws.size
         # Mean lam, variance lam; SE of the mean sqrt(lam/n), of the variance ~ lam*sqrt(2/n + 1/(lam n)).
@@ -109,3 +109,21 @@ def test_noise_model_uses_the_simulation_generator_only() -> None:
     CameraNoise(physics, np.random.default_rng(5)).render(a, idx, sig)
     CameraNoise(physics, np.random.default_rng(5)).render(b, idx, sig)
     assert np.array_equal(a, b)
+
+
+def test_split_poisson_draws_are_independent_across_pixels() -> None:
+    # Means below 0.5 are drawn as one Poisson total split by pixel; independence shows in the total:
+    # Var(sum) = sum(lam) (a fixed or mis-drawn total would give 0 or something else) and in a
+    # zero covariance between two pixels.
+    rng = np.random.default_rng(5)
+    lam = np.linspace(0.01, 0.45, 40)
+    draws = np.array([poisson(rng, lam) for _ in range(20_000)])
+    n = draws.shape[0]
+    total = draws.sum(axis=1)
+    s = lam.sum()
+    # SE of a sample variance of a Poisson(s) ~ s * sqrt(2/n + 1/(s n)).
+    assert abs(total.var() - s) < 5 * s * np.sqrt(2 / n + 1 / (s * n))
+    assert abs(total.mean() - s) < 5 * np.sqrt(s / n)
+    # Covariance of the two largest-mean pixels: SE ~ sqrt(lam_a lam_b / n).
+    a, b = draws[:, -1], draws[:, -2]
+    assert abs(np.cov(a, b)[0, 1]) < 5 * np.sqrt(lam[-1] * lam[-2] / n)
