@@ -146,6 +146,13 @@ class MusicalGeometry:
         """Number of test points per window, ``(N_w · sub)²``."""
         return int(self.psf_matrix.shape[1])
 
+    @functools.cached_property
+    def psf_basis(self) -> np.ndarray:
+        """:func:`_psf_basis` of ``psf_matrix`` (computed once per geometry; read-only)."""
+        basis = _psf_basis(self.psf_matrix)
+        basis.setflags(write=False)
+        return basis
+
 
 @functools.lru_cache(maxsize=16)
 def musical_geometry(
@@ -374,7 +381,7 @@ def _projection_operands(geometry: MusicalGeometry, dtype: ProjectionDtype) -> _
     g = geometry.psf_matrix
     basis = None
     if work == np.float32:
-        basis = _basis_of(geometry)
+        basis = geometry.psf_basis
         g = basis.T @ g
     norm2 = geometry.psf_norm2
     # A block of _PROJECTION_BLOCK_ROWS rows times one chunk: about _PROJECTION_BLOCK_BYTES.
@@ -644,22 +651,6 @@ def _recompute_float64(
     return total
 
 
-_BASIS_CACHE: dict[int, tuple[MusicalGeometry, np.ndarray]] = {}
-
-
-def _basis_of(geometry: MusicalGeometry) -> np.ndarray:
-    """:func:`_psf_basis` of ``geometry``'s PSF matrix (cached)."""
-    hit = _BASIS_CACHE.get(id(geometry))
-    if hit is not None and hit[0] is geometry:
-        return hit[1]
-    basis = _psf_basis(geometry.psf_matrix)
-    basis.setflags(write=False)
-    if len(_BASIS_CACHE) > 8:
-        _BASIS_CACHE.clear()
-    _BASIS_CACHE[id(geometry)] = (geometry, basis)
-    return basis
-
-
 def _side_rows(vectors: np.ndarray, m: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, bool]]:
     """Group windows by ``M``; for each group the rows to project on: (window index, rows, signal?).
 
@@ -700,7 +691,7 @@ def indicator_torch(
     tdtype = torch.float32 if low else torch.float64
     dev = torch.device(device)
     g = _torch_psf_matrix(geometry, tdtype, dev, rotated=low)
-    basis = torch.from_numpy(np.array(_basis_of(geometry))).to(dev) if low else None
+    basis = torch.from_numpy(np.array(geometry.psf_basis)).to(dev) if low else None
     norm2 = torch.from_numpy(np.array(geometry.psf_norm2)).to(dev)[None, :]
     floor = _NOISE_FLOOR_REL * norm2
     half_alpha = 0.5 * float(alpha)
@@ -766,7 +757,7 @@ def _torch_psf_matrix(geometry: MusicalGeometry, tdtype: Any, dev: Any, rotated:
     if g is None:
         if len(_TORCH_G_CACHE) > 8:
             _TORCH_G_CACHE.clear()
-        psf = _basis_of(geometry).T @ geometry.psf_matrix if rotated else np.array(geometry.psf_matrix)
+        psf = geometry.psf_basis.T @ geometry.psf_matrix if rotated else np.array(geometry.psf_matrix)
         g = torch.from_numpy(psf).to(dev, tdtype)
         _TORCH_G_CACHE[key] = g
     return g

@@ -310,6 +310,7 @@ class Scene:
         rng = self._rng
         xy = start.copy()
         out_path = np.empty((len(xy), dts.shape[1], 2))
+        radius2 = radius**2
         for j in range(dts.shape[1]):  # reflection is sequential in time; K is small here
             dt = dts[:, j]
             relaxed = d * dt > 3.0 * radius**2
@@ -317,7 +318,6 @@ class Scene:
             n_chunk = int(np.ceil(np.max(np.where(relaxed, 0.0, var / (radius / 8.0) ** 2), initial=1.0)))
             increments = rng.standard_normal((n_chunk, len(xy), 2)) * np.sqrt(var / n_chunk)[:, None]
             rel = xy - anchor
-            radius2 = radius**2
             for inc in increments:
                 rel += inc
                 r2 = rel[:, 0] ** 2 + rel[:, 1] ** 2
