@@ -98,7 +98,8 @@ class SimulatedCamera:
     def _finish_sparse(
         self, index: np.ndarray, photons: np.ndarray, t0_ms: float, out: np.ndarray | None
     ) -> np.ndarray:
-        """As :meth:`_finish_frame`, with the signal given at flat pixel ``index`` (unique) only."""
+        """As :meth:`_finish_frame`, with the signal given at flat pixel ``index`` only (a pixel
+        may appear more than once; its photons add up)."""
         image = out if out is not None else np.empty(self.shape, dtype=np.uint16)
         self.last_saturated_px = self.noise.render(image, index, photons)
         self.frame_index += 1

@@ -90,20 +90,21 @@ def poisson(rng: np.random.Generator, lam: np.ndarray) -> np.ndarray:
     """
     lam = np.asarray(lam, dtype=np.float64)
     flat_lam = lam.reshape(-1)
-    out = np.zeros(flat_lam.size, dtype=np.int64)
     small = flat_lam < _SPLIT_MEAN
+    # The split process runs over every entry; larger means get zero width in it.
+    cum = np.cumsum(np.where(small, flat_lam, 0.0))
+    total = int(rng.poisson(cum[-1])) if cum.size else 0
+    if total:
+        where = np.searchsorted(cum, rng.random(total) * cum[-1], side="right")
+        # u * Σλ can round up to Σλ itself: that end of the line belongs to the last entry with
+        # width (zero-width entries are never found, as their cum equals their predecessor's).
+        np.minimum(where, np.searchsorted(cum, cum[-1], side="left"), out=where)
+        out = np.bincount(where, minlength=flat_lam.size)
+    else:
+        out = np.zeros(flat_lam.size, dtype=np.int64)
     big = np.flatnonzero(~small)
     if big.size:
         out[big] = rng.poisson(flat_lam[big])
-    tail = np.flatnonzero(small & (flat_lam > 0.0))
-    if tail.size:
-        cum = np.cumsum(flat_lam[tail])
-        total = int(rng.poisson(cum[-1]))
-        if total:
-            where = np.searchsorted(cum, rng.random(total) * cum[-1], side="right")
-            # u * Σλ can round up to Σλ itself; the last pixel (λ > 0) owns that end of the line.
-            np.minimum(where, tail.size - 1, out=where)
-            out[tail] = np.bincount(where, minlength=tail.size)
     return out.reshape(lam.shape)
 
 
@@ -129,6 +130,7 @@ class CameraNoise:
         self.background_photons_per_px = physics.sim.background_photons_per_px
         self._table: _TableSampler | None = None
         self._count_table: _TableSampler | None = None
+        self._slot = np.empty(0, dtype=np.intp)  # scratch map of _sum_by_pixel
         if physics.em_gain == 1.0:
             values, pmf = self.background_adu_pmf()
             self._table = _TableSampler(values, pmf)
@@ -198,6 +200,23 @@ class CameraNoise:
         self._count_table.sample(self._rng, n, counts)
         return counts
 
+    def _sum_by_pixel(self, index: np.ndarray, value: np.ndarray, n_px: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sum ``value`` over repeated flat pixel ``index``: (unique indices, float64 sums).
+
+        Works on the given entries only, never on the whole frame: each pixel's entry in a
+        scratch map (one per frame pixel) receives the position of one of its occurrences; that
+        occurrence represents the pixel and collects the sum. Entries are written before they
+        are read, so the map needs no clearing between frames.
+        """
+        if self._slot.size < n_px:
+            self._slot = np.empty(n_px, dtype=np.intp)
+        position = np.arange(index.size)
+        self._slot[index] = position
+        representative = self._slot[index]
+        total = np.bincount(representative, weights=value, minlength=index.size)
+        own = np.flatnonzero(representative == position)
+        return index[own], total[own]
+
     def render(
         self,
         out: np.ndarray,
@@ -211,9 +230,10 @@ class CameraNoise:
         out
             The frame to fill, C-contiguous uint16.
         signal_index
-            Flat indices of the pixels that receive signal (unique).
+            Flat indices of the pixels that receive signal; a pixel may appear more than once
+            (overlapping PSF patches), and its expected photons then add up.
         signal_photons
-            Expected signal photons at those pixels (background is added here).
+            Expected signal photons of each entry (background is added here).
 
         Returns
         -------
@@ -224,21 +244,23 @@ class CameraNoise:
         bg = self.background_photons_per_px
         if self._table is None:
             lam = np.full(flat.size, bg)
-            lam[signal_index] += signal_photons
+            np.add.at(lam, signal_index, signal_photons)
             return self.electrons_to_adu(self.photons_to_electrons(lam), flat)
         self._table.sample(self._table_rng, flat.size, flat)
         saturated = 0
         if signal_index.size:
-            # Photons = background + signal, two independent Poisson numbers. Pixels whose signal
-            # draw is 0 keep their (independent) background draw; the others are drawn again in
-            # full, background photons and read noise included.
+            # Photons = background + signal, independent Poisson numbers (one per signal entry:
+            # the counts of a pixel's entries add up to a Poisson number of their summed mean).
+            # Pixels whose signal draws are all 0 keep their (independent) background draw; the
+            # others are drawn again in full, background photons and read noise included.
             extra = poisson(self._rng, signal_photons)
             hit = np.flatnonzero(extra)
             if hit.size:
-                electrons = (self._background_counts(hit.size) + extra[hit]).astype(np.float64)
-                values = np.empty(hit.size, dtype=np.uint16)
+                pixel, counts = self._sum_by_pixel(signal_index[hit], extra[hit], flat.size)
+                electrons = self._background_counts(pixel.size) + counts
+                values = np.empty(pixel.size, dtype=np.uint16)
                 saturated = self.electrons_to_adu(electrons, values)
-                flat[signal_index[hit]] = values
+                flat[pixel] = values
         if self._table.max_value >= self._p.saturation_adu:
             return int(np.count_nonzero(flat >= self._p.saturation_adu))
         return saturated  # background draws cannot reach saturation: only redrawn pixels can

@@ -151,8 +151,6 @@ class WidefieldSimulator(SimulatedCamera):
         # Patches reach 4.5 sigma past the emitter's pixel edge: the PSF mass left out is < 1e-5.
         self._half_px = int(math.ceil(4.5 * self._sigma_px + 0.5))
         self._profile = _PixelProfile(self._sigma_px) if self._airy is None else None
-        # Scratch map pixel -> position in the current list of patch pixels (see _sum_pixels).
-        self._slot = np.empty(self.shape[0] * self.shape[1], dtype=np.intp)
 
     @property
     def exposure_ms(self) -> float:
@@ -218,7 +216,8 @@ class WidefieldSimulator(SimulatedCamera):
     def _render(
         self, path: np.ndarray, w: np.ndarray, cx: np.ndarray, cy: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Expected signal photons: flat indices of the pixels that get any (unique), and their photons."""
+        """Expected signal photons: flat pixel indices and photons, one entry per pixel of each
+        particle's patch (a pixel under overlapping patches appears once per patch)."""
         scene = self.scene
         h_img, w_img = self.shape
         a = self.physics.pixel_size_nm
@@ -240,7 +239,7 @@ class WidefieldSimulator(SimulatedCamera):
         ey = ((path[keep, None, :, 1] + off[:, :, None, 1] - oy) / a - 0.5).reshape(n, -1)
         we = w[keep].reshape(n, -1)
         if self._airy is not None:
-            return self._sum_pixels(*self._airy.render(ex.ravel(), ey.ravel(), we.ravel(), self.shape))
+            return self._airy.render(ex.ravel(), ey.ravel(), we.ravel(), self.shape)
 
         # Patch size follows the longest path; group particles by extent so that a few fast
         # ones do not make every patch large.
@@ -258,22 +257,7 @@ class WidefieldSimulator(SimulatedCamera):
                 )
                 index_parts.append(index)
                 value_parts.append(value)
-        return self._sum_pixels(np.concatenate(index_parts), np.concatenate(value_parts))
-
-    def _sum_pixels(self, index: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Sum ``value`` over repeated flat pixel ``index``: (unique indices, sums).
-
-        Works on the patch pixels only (~17k of 262k at the default scene), never on the whole
-        frame: each pixel's entry in a scratch map receives the position of one of its
-        occurrences; that occurrence represents the pixel and collects the sum. Entries are
-        written before they are read, so the map needs no clearing between frames.
-        """
-        position = np.arange(index.size)
-        self._slot[index] = position
-        representative = self._slot[index]
-        total = np.bincount(representative, weights=value, minlength=index.size)
-        own = np.flatnonzero(representative == position)
-        return index[own], total[own]
+        return np.concatenate(index_parts), np.concatenate(value_parts)
 
     def _render_gaussian(
         self,

@@ -127,3 +127,26 @@ def test_split_poisson_draws_are_independent_across_pixels() -> None:
     # Covariance of the two largest-mean pixels: SE ~ sqrt(lam_a lam_b / n).
     a, b = draws[:, -1], draws[:, -2]
     assert abs(np.cov(a, b)[0, 1]) < 5 * np.sqrt(lam[-1] * lam[-2] / n)
+
+
+def test_repeated_signal_pixels_add_their_photons() -> None:
+    # Overlapping PSF patches hand the noise model one entry per patch: pixel 5 gets three
+    # entries (0.2 + 3 + 30 photons, both Poisson paths), pixel 20 one entry of the same 33.2.
+    # Both must follow the model for 10 background + 33.2 signal photons; a pixel that kept only
+    # one entry's draw would be off by several standard errors.
+    physics = physics_from_config(build_config({}))
+    noise = CameraNoise(physics, np.random.default_rng(11))
+    idx, sig = np.array([5, 5, 5, 20]), np.array([0.2, 3.0, 30.0, 33.2])
+    frame = np.empty((8, 8), np.uint16)
+    n = 20_000
+    values = np.empty((n, 2))
+    for i in range(n):
+        noise.render(frame, idx, sig)
+        values[i] = frame.reshape(-1)[[5, 20]]
+    g, sd, lam = physics.gain_e_per_adu, physics.read_noise_e, physics.sim.background_photons_per_px + 33.2
+    mean = physics.offset_adu + lam / g
+    var = (lam + sd**2) / g**2 + 1 / 12
+    for column in values.T:
+        # SE of the mean sqrt(var/n); of the variance ~ var*sqrt(2/n) (near-Gaussian values). 5 SE.
+        assert abs(column.mean() - mean) < 5 * np.sqrt(var / n)
+        assert abs(column.var() - var) < 5 * var * np.sqrt(2 / n)
