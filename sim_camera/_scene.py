@@ -308,29 +308,41 @@ class Scene:
         self, anchor: np.ndarray, radius: np.ndarray, d: np.ndarray, dts: np.ndarray, start: np.ndarray
     ) -> np.ndarray:
         rng = self._rng
-        xy = start.copy()
-        out_path = np.empty((len(xy), dts.shape[1], 2))
-        radius2 = radius**2
-        for j in range(dts.shape[1]):  # reflection is sequential in time; K is small here
-            dt = dts[:, j]
-            relaxed = d * dt > 3.0 * radius**2
-            var = 2.0 * d * dt  # per-axis variance of the free step
-            n_chunk = int(np.ceil(np.max(np.where(relaxed, 0.0, var / (radius / 8.0) ** 2), initial=1.0)))
-            increments = rng.standard_normal((n_chunk, len(xy), 2)) * np.sqrt(var / n_chunk)[:, None]
-            rel = xy - anchor
-            for inc in increments:
-                rel += inc
-                r2 = rel[:, 0] ** 2 + rel[:, 1] ** 2
-                if (r2 > radius2).any():  # most chunks leave every particle inside
-                    rel = _fold_into_circle(rel, radius)
-            xy = anchor + rel
-            if relaxed.any():
-                k = int(relaxed.sum())
-                rho = radius[relaxed] * np.sqrt(rng.random(k))
-                ang = rng.uniform(0, 2 * np.pi, k)
-                xy[relaxed] = anchor[relaxed] + np.column_stack([rho * np.cos(ang), rho * np.sin(ang)])
-            out_path[:, j] = xy
-        return out_path
+        n, k = dts.shape
+        var = 2.0 * d[:, None] * dts  # (n, K) per-axis variance of each free step
+        relaxed = d[:, None] * dts > 3.0 * (radius**2)[:, None]
+        need = np.where(relaxed, 0.0, var / ((radius / 8.0) ** 2)[:, None])
+        n_chunk = np.ceil(np.max(need, axis=0, initial=1.0)).astype(np.intp)  # (K,) common to all
+        # All chunks of all steps in one draw. The walk runs on x + iy (one complex number per
+        # particle): a chunk is then one addition, one |.| and one comparison; the fold is
+        # _fold_into_circle's, inline.
+        sd = np.sqrt(var / n_chunk).T  # (K, n) per-axis SD of one chunk
+        increments = (
+            rng.standard_normal((int(n_chunk.sum()), n, 2)).view(np.complex128)[:, :, 0]
+            * np.repeat(sd, n_chunk, axis=0)
+        )
+        step_end = (np.cumsum(n_chunk) - 1).tolist()
+        relaxed_any = relaxed.any(axis=0).tolist()
+        two_radius = 2.0 * radius
+        out_rel = np.empty((n, k, 2))
+        rel_xy = start - anchor
+        rel = rel_xy.view(np.complex128)[:, 0]  # a view: changes show in rel_xy
+        j = 0
+        for c, inc in enumerate(increments):
+            rel += inc
+            r = np.abs(rel)
+            crossed = r > radius
+            if crossed.any():  # most chunks leave every particle inside
+                rel *= np.where(crossed, np.maximum(two_radius - r, 0.0) / np.maximum(r, 1e-12), 1.0)
+            if c == step_end[j]:
+                if relaxed_any[j]:
+                    m = relaxed[:, j]
+                    rho = radius[m] * np.sqrt(rng.random(int(m.sum())))
+                    ang = rng.uniform(0, 2 * np.pi, len(rho))
+                    rel_xy[m] = np.column_stack([rho * np.cos(ang), rho * np.sin(ang)])
+                out_rel[:, j] = rel_xy
+                j += 1
+        return anchor[:, None, :] + out_rel
 
     def _move_circ(self, idx: np.ndarray, dts: np.ndarray, path: np.ndarray) -> np.ndarray:
         phase = self.phase_rad[idx][:, None] + self.omega_rad_per_ms[idx][:, None] * np.cumsum(dts, axis=1)

@@ -74,6 +74,24 @@ def test_confined_walk_stays_inside_its_circle_and_fills_it() -> None:
     assert abs(np.mean(r2) - 0.5) < 5 / math.sqrt(12 * r2.size)
 
 
+def test_confined_steps_longer_than_the_relaxation_time_end_uniform_and_independent() -> None:
+    # 200 ms steps, R = 300 nm, D >= 2 um^2/s > 3 R^2 / 200 ms = 1.35 um^2/s: every step relaxes
+    # and ends at a uniform point of the disk, whatever its start (a walk folded in one chunk
+    # would pile points up near the centre).
+    scene = _scene(n_particles=2000, margin_nm=0, states=["RCir"], D_um2_per_s=(2.0, 4.0), rcir_radius_nm=300.0)
+    anchor = scene.anchor_nm.copy()
+    path = scene.advance(np.full(10, 200.0))
+    rel = path[:, :, :2] - anchor[:, None, :]
+    r2 = (rel**2).sum(axis=2).ravel() / 300.0**2
+    assert r2.max() <= 1.0 + 1e-12
+    # Uniform in the disk: E[r^2] = R^2/2, SD of r^2 = R^2/sqrt(12); every step an independent draw.
+    assert abs(r2.mean() - 0.5) < 5 / math.sqrt(12 * r2.size)
+    # Independent of where the step began: lag-1 correlation of x, SE 1/sqrt(pairs).
+    x = rel[:, :, 0]
+    corr = np.corrcoef(x[:, :-1].ravel(), x[:, 1:].ravel())[0, 1]
+    assert abs(corr) < 5 / math.sqrt(x[:, 1:].size)
+
+
 def test_circular_motion_keeps_radius_and_speed() -> None:
     scene = _scene(n_particles=50, margin_nm=0, states=["Circ"], circ_radius_nm=300.0, circ_speed_um_per_s=5.0)
     anchor = scene.anchor_nm.copy()
