@@ -332,7 +332,7 @@ class Scene:
             rel += inc
             r = np.abs(rel)
             crossed = r > radius
-            if crossed.any():  # most chunks leave every particle inside
+            if np.count_nonzero(crossed):  # most chunks leave every particle inside
                 rel *= np.where(crossed, np.maximum(two_radius - r, 0.0) / np.maximum(r, 1e-12), 1.0)
             if c == step_end[j]:
                 if relaxed_any[j]:

@@ -210,11 +210,11 @@ class WidefieldSimulator(SimulatedCamera):
             photons=photons,
         )
 
-        index, photons_px = self._render(path, w, cx, cy)
+        index, photons_px = self._render(w, cx, cy)
         return self._finish_sparse(index, photons_px, t0, out), truth
 
     def _render(
-        self, path: np.ndarray, w: np.ndarray, cx: np.ndarray, cy: np.ndarray
+        self, w: np.ndarray, cx: np.ndarray, cy: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Expected signal photons: flat pixel indices and photons, one entry per pixel of each
         particle's patch (a pixel under overlapping patches appears once per patch)."""
@@ -233,10 +233,9 @@ class WidefieldSimulator(SimulatedCamera):
         if keep.size == 0:
             return np.empty(0, dtype=np.intp), np.empty(0)
         n = keep.size
-        off = scene.fluor_offset_nm[keep]  # (n, F, 3)
-        ox, oy = scene.origin_nm
-        ex = ((path[keep, None, :, 0] + off[:, :, None, 0] - ox) / a - 0.5).reshape(n, -1)
-        ey = ((path[keep, None, :, 1] + off[:, :, None, 1] - oy) / a - 0.5).reshape(n, -1)
+        off_px = scene.fluor_offset_nm[keep, :, :2] / a  # (n, F, 2)
+        ex = (cx[keep][:, None, :] + off_px[:, :, None, 0]).reshape(n, -1)  # (n, F * K) emitters, px
+        ey = (cy[keep][:, None, :] + off_px[:, :, None, 1]).reshape(n, -1)
         we = w[keep].reshape(n, -1)
         if self._airy is not None:
             return self._airy.render(ex.ravel(), ey.ravel(), we.ravel(), self.shape)
