@@ -39,9 +39,9 @@ class _PixelProfile:
     it: its position is rounded to ``1 / phases`` px (1/4096 px: 0.024 nm at 100 nm pixels), so
     the image is exactly the pixel-integrated PSF of an emitter less than 0.013 nm from where
     the scene put it (the truth keeps the unrounded position) -- a thousand times below any
-    localization precision. Because the pixels of a profile are one pixel (``phases`` entries)
-    apart, an emitter's profile is one integer index plus a fixed stride: one gather per pixel,
-    no error function at run time.
+    localization precision. The pixels of a profile are one pixel (``phases`` entries) apart, so
+    in a phase-major copy of the table an emitter's whole profile is one contiguous run: one
+    copy per emitter, no error function at run time.
     """
 
     def __init__(self, sigma_px: float, phases: int = 4096, pad_px: int = 24) -> None:
