@@ -825,6 +825,8 @@ def musical_canvas(
         Shape ``(H · sub, W · sub)`` float64.
     """
     validate_stack(stack, geometry.window_px)
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"alpha must be a positive number, got {alpha}")
     k, h, w = stack.shape
     n_w, sub = geometry.window_px, geometry.subpixels
     n_rows, n_cols = h - n_w + 1, w - n_w + 1

@@ -210,8 +210,6 @@ def musical_image(
     arr = _check_batch_stack(stack)
     geometry = musical_geometry(float(wavelength_nm), float(na), float(pixel_size_nm), int(subpixels))
     validate_stack(arr, geometry.window_px)
-    if alpha <= 0 or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a positive number, got {alpha}")
     used_scale = _global_scale(arr) if scale is None else float(scale)
     if not used_scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")

@@ -616,6 +616,11 @@ def test_batch_windows_share_normalization() -> None:
     assert len({r.threshold_log10 for r in results}) == 1
     with pytest.raises(ValueError, match="longer than the stack"):
         musical_windows(stack, window_frames=100)
+    for bad_alpha in (0.0, -1.0, float("nan")):  # both entry points refuse it, naming it
+        with pytest.raises(ValueError, match="alpha"):
+            musical_windows(stack, window_frames=20, subpixels=2, alpha=bad_alpha)
+        with pytest.raises(ValueError, match="alpha"):
+            musical_image(stack, subpixels=2, alpha=bad_alpha)
     with pytest.raises(ValueError, match="threshold"):
         musical_image(stack, threshold="bogus")  # type: ignore[arg-type]
 
