@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from scopestream.daemon._stage import StagePlugin, installed_stage_plugins
+from scopestream.daemon._stage import StagePlugin, check_products, installed_stage_plugins
 
 DEFAULT_STAGES: tuple[str, ...] = ("frame_stats", "localize", "track", "diffusion", "musical")
 
@@ -150,12 +150,7 @@ class ScopestreamConfig(BaseModel):
             )
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"a stage is listed twice in {self.stages}")
-        for i, name in enumerate(self.stages):
-            for needed in plugins[name].requires:
-                if needed not in self.stages[:i]:
-                    raise ValueError(
-                        f"stage {name!r} needs {needed!r} to run before it; stages are {self.stages}"
-                    )
+        check_products(self.stages, plugins)
         extra = dict(self.__pydantic_extra__ or {})
         for key, value in extra.items():
             if key not in plugins:

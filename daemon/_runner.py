@@ -1,22 +1,29 @@
-"""The runner: owns a run's state, its threads, and the accounting of every frame.
+"""The runner: a run's state machine and its threads.
 
 State machine::
 
     IDLE ──start()──► RUNNING ◄──resume()── PAUSED
                         │  └──────pause()─────►│
                         ▼                      ▼
-                     STOPPING ◄── request_stop() / source ends / signal
-                        │  source stopped, bus drained, stages torn down, run_stop published
+                     STOPPING ◄── request_stop() / source ends / signal / required sink fails
+                        │  source stopped, bus drained, stages torn down, off-thread work
+                        │  collected, sinks drained, run_stop published
                         ▼
                      STOPPED
 
+The runner owns the order of things; the stages, their products and their error isolation belong
+to the :class:`~scopestream.daemon._pipeline.Pipeline`, the counts to the
+:class:`~scopestream.daemon._accounting.Accounting`, and delivery to the sinks' own threads
+(:class:`~scopestream.daemon._publish.EventRouter`).
+
 Threads: the source's own thread delivers frames (``deliver``/``missed``) into the bounded bus;
-one stage thread takes frames from the bus and runs the stages in order; one housekeeping thread
-publishes heartbeats and coalesced ``dropped_frames`` events; the lifecycle thread (``start``)
-waits for the end and shuts down in order. Pause, settings changes and stop act at frame
-boundaries. Invariant, at every moment a snapshot is taken and at the end:
-``frames_received == frames_processed + frames_dropped + frames in flight`` (in flight = 0 at
-the end).
+one stage thread takes frames from the bus and runs the pipeline (it never dies: every stage call
+is guarded); one housekeeping thread publishes heartbeats, coalesced ``dropped_frames`` events
+(at most 10 a second) and the results of off-thread work (``offload.poll()`` on every tick, also
+when no frames arrive and while paused); the lifecycle thread (``start``) waits for the end and
+shuts down in order. Pause, settings changes and stop act at frame boundaries. Invariant, at
+every snapshot and at the end: ``frames_received == frames_processed + frames_dropped + frames in
+flight`` (in flight = 0 at the end).
 """
 
 from __future__ import annotations
@@ -25,15 +32,15 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel
 
 from scopestream import __version__
+from scopestream.daemon._accounting import DROP_REASONS, Accounting
 from scopestream.daemon._bus import FrameBus
 from scopestream.daemon._config import (
     ConfigError,
@@ -49,16 +56,29 @@ from scopestream.daemon._messages import (
     RunStartBody,
     RunStopBody,
     SourceDescription,
-    StageErrorBody,
 )
 from scopestream.daemon._metrics import Metrics
+from scopestream.daemon._pipeline import InlineOffload, Pipeline
 from scopestream.daemon._publish import EventRouter
 from scopestream.daemon._sources import FrameSource
-from scopestream.daemon._stage import Emission, Stage, build_stage
+from scopestream.daemon._stage import Offload, RunContext
 
 log = logging.getLogger(__name__)
 
-DROP_REASONS = ("camera_gap", "camera_overflow", "bus_full")
+ExitStatus = Literal["success", "aborted", "failed"]
+
+# A later request can make the outcome worse, never better: a failure found while stopping wins.
+_SEVERITY: dict[str, int] = {"success": 0, "aborted": 1, "failed": 2}
+
+DROP_EVENT_INTERVAL_S = 0.1
+"""Least time between two ``dropped_frames`` events (so at most 10 a second); drops in between
+are coalesced into the next event."""
+
+SETTINGS_WAIT_S = 5.0
+"""How long ``change_setting`` waits for the stage thread to apply a stage setting."""
+
+OFFLOAD_CLOSE_TIMEOUT_S = 30.0
+SINK_DRAIN_TIMEOUT_S = 60.0
 
 
 class RunnerState(StrEnum):
@@ -71,7 +91,7 @@ class RunnerState(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class RunnerStatus:
-    """A consistent snapshot of the runner, taken under its lock."""
+    """A consistent snapshot of the runner."""
 
     state: RunnerState
     run_id: str
@@ -103,20 +123,6 @@ class RunnerStatus:
         }
 
 
-@dataclass
-class _Counts:
-    received: int = 0
-    processed: int = 0
-    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
-    pending_drop_events: dict[str, int] = field(default_factory=dict)
-    pending_drop_image_number: dict[str, int | None] = field(default_factory=dict)
-    stage_errors: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def dropped_total(self) -> int:
-        return sum(self.dropped.values())
-
-
 class Runner:
     """Runs the configured stages over the frames of one source, for one run.
 
@@ -127,9 +133,12 @@ class Runner:
     source
         An opened or unopened :class:`FrameSource` (``start`` opens it).
     router
-        Stamps and delivers events (to the ZeroMQ publisher and/or result tables).
+        Stamps events and hands them to the sinks.
     metrics
-        Prometheus metrics to update, or None.
+        Prometheus metrics to feed, or None.
+    offload
+        The off-thread service the stages get in their :class:`RunContext`; default: one that runs
+        jobs on the submitting thread.
     """
 
     def __init__(
@@ -138,6 +147,7 @@ class Runner:
         source: FrameSource,
         router: EventRouter,
         metrics: Metrics | None = None,
+        offload: Offload | None = None,
     ) -> None:
         self.config = config
         self.run_id = router.run_id
@@ -145,33 +155,32 @@ class Runner:
         self._router = router
         self._metrics = metrics
         self._plugins = stage_plugins()
-        self._stages: list[Stage] = [
-            build_stage(self._plugins[name], config, config.stage_settings(name)) for name in config.stages
-        ]
+        self.accounting = Accounting()
+        self.pipeline = Pipeline(config, self._plugins, router, self.accounting, metrics)
+        self._offload: Offload = offload if offload is not None else InlineOffload()
         policy = config.bus.policy
         if policy == "auto":
             live = config.source.kind != "file" or config.source.replay_fps is not None
             policy = "drop" if live else "block"
         self._bus = FrameBus(config.bus.capacity_frames, policy)
         self._lock = threading.Lock()
-        self._counts = _Counts()
         self._state = RunnerState.IDLE
-        self._next_seq = 0
         self._t_start = 0.0
         self._stop_requested = threading.Event()
         self._source_done = threading.Event()
+        self._housekeeping_done = threading.Event()
         self._stopped = threading.Event()
-        self._exit_status: Literal["success", "aborted", "failed"] = "success"
+        self._exit_status: ExitStatus = "success"
         self._stop_reason = ""
-        self._pending_settings: list[tuple[Stage, BaseModel]] = []
-        self._frame_rate_hz = 0.0
-        self._t_last_frame: float | None = None
+        self._t_last_drop_event = 0.0
         self._description: SourceDescription | None = None
+        self._stage_thread: threading.Thread | None = None
         self._threads: list[threading.Thread] = []
         self.run_stop: RunStopBody | None = None
         if metrics is not None:
             metrics.queue_depth.set_function(self._bus.depth)
-            metrics.watch_stages(self._stage_counters)
+            metrics.watch_accounting(self.accounting)
+            metrics.watch_stages(self.pipeline.counters)
             metrics.set_state(self._state.value, [s.value for s in RunnerState])
 
     # -- public control ------------------------------------------------------------------
@@ -184,11 +193,22 @@ class Runner:
         return self._description
 
     def start(self) -> None:
-        """Open the source, publish ``run_start`` and begin; returns at once."""
+        """Open the source, set the stages up, publish ``run_start`` and begin; returns at once.
+
+        Raises
+        ------
+        ConfigError
+            When a stage cannot set up (the source is closed again).
+        """
         with self._lock:
             if self._state is not RunnerState.IDLE:
                 raise RuntimeError(f"runner is {self._state.value}, not idle")
         self._description = self._source.open()
+        try:
+            self.pipeline.setup(self._run_context(self._description))
+        except BaseException:
+            self._close_source()
+            raise
         self._t_start = time.time()
         topics = sorted({"frame_stats", "run_start", "run_stop", "heartbeat", "dropped_frames", "stage_error"}
                         | {t for name in self.config.stages for t in self._plugins[name].topics})
@@ -212,7 +232,22 @@ class Runner:
             thread = threading.Thread(target=target, name=name, daemon=True)
             self._threads.append(thread)
             thread.start()
+        self._stage_thread = self._threads[0]
         self._source.start(self)
+
+    def _run_context(self, desc: SourceDescription) -> RunContext:
+        c = self.config
+        return RunContext(
+            frame_shape_px=(desc.height_px, desc.width_px),
+            dtype=np.dtype(desc.dtype),
+            pixel_size_nm=c.optics.pixel_size_nm,
+            frame_interval_ms=c.acquisition.frame_interval_ms,
+            exposure_ms=c.acquisition.exposure_ms,
+            camera=c.camera,
+            optics=c.optics,
+            source=desc,
+            offload=self._offload,
+        )
 
     def pause(self) -> None:
         with self._lock:
@@ -232,10 +267,17 @@ class Runner:
         self._source.resume()
         self._set_state(RunnerState.RUNNING)
 
-    def request_stop(self, reason: str = "stop requested", exit_status: Literal["success", "aborted", "failed"] = "success") -> None:
-        """Ask the run to end; the source stops, the bus drains, ``run_stop`` follows."""
+    def request_stop(self, reason: str = "stop requested", exit_status: ExitStatus = "success") -> None:
+        """Ask the run to end; the source stops, the bus drains, ``run_stop`` follows.
+
+        ``exit_status``: ``"success"`` (asked to stop, or the source ended), ``"aborted"`` (a
+        signal), ``"failed"`` (the source or a required sink failed). A later request may make it
+        worse (a failure found while stopping), never better.
+        """
+        if exit_status not in _SEVERITY:
+            raise ValueError(f"exit_status must be one of {list(_SEVERITY)}, not {exit_status!r}")
         with self._lock:
-            if not self._stop_requested.is_set():
+            if not self._stop_requested.is_set() or _SEVERITY[exit_status] > _SEVERITY[self._exit_status]:
                 self._stop_reason = reason
                 self._exit_status = exit_status
         self._stop_requested.set()
@@ -245,30 +287,34 @@ class Runner:
         return self._stopped.wait(timeout_s)
 
     def status(self) -> RunnerStatus:
+        c = self.accounting.snapshot()
         with self._lock:
-            c = self._counts
-            return RunnerStatus(
-                state=self._state,
-                run_id=self.run_id,
-                frames_received=c.received,
-                frames_processed=c.processed,
-                frames_dropped=c.dropped_total,
-                frames_dropped_by_reason=dict(c.dropped),
-                frames_in_flight=c.received - c.processed - c.dropped_total,
-                queue_depth_frames=self._bus.depth(),
-                stage_errors=dict(c.stage_errors),
-                uptime_s=(time.time() - self._t_start) if self._t_start else 0.0,
-                exit_status=self._exit_status if self._stopped.is_set() else None,
-                stop_reason=self._stop_reason or None,
-            )
+            state, exit_status, reason = self._state, self._exit_status, self._stop_reason
+        return RunnerStatus(
+            state=state,
+            run_id=self.run_id,
+            frames_received=c.received,
+            frames_processed=c.processed,
+            frames_dropped=c.dropped,
+            frames_dropped_by_reason=dict(c.dropped_by_reason),
+            frames_in_flight=c.in_flight,
+            queue_depth_frames=self._bus.depth(),
+            stage_errors=dict(c.stage_errors),
+            uptime_s=(time.time() - self._t_start) if self._t_start else 0.0,
+            exit_status=exit_status if self._stopped.is_set() else None,
+            stop_reason=reason or None,
+        )
 
     def change_setting(self, key: str, value: Any) -> Any:
         """Change one configuration value while running; returns the validated value.
 
         Runtime-changeable: ``acquisition.exposure_ms`` (applied to the camera) and each stage's
-        ``runtime_settable`` fields (applied between frames). Raises ConfigError otherwise.
+        ``runtime_settable`` fields, applied by the stage thread between frames; this waits (up to
+        :data:`SETTINGS_WAIT_S`) for the stage to take them. Raises ConfigError when the key cannot
+        change, the value is invalid, or the stage refuses it (it then keeps its old settings).
         """
-        parts = key.split(".")
+        if self._state in (RunnerState.STOPPING, RunnerState.STOPPED):
+            raise ConfigError(f"the run is {self._state.value}; {key!r} cannot change any more")
         allowed = self.runtime_settable_keys()
         if key not in allowed:
             raise ConfigError(f"{key!r} cannot change while running; keys that can: {sorted(allowed)}")
@@ -280,14 +326,15 @@ class Runner:
                 raise ConfigError(f"{key}: the source refused {value!r}: {exc}") from None
             self.config = new_config
             return new_config.acquisition.exposure_ms
-        stage_name, field_name = parts[0], parts[1]
+        stage_name, field_name = key.split(".", 1)
         settings = new_config.stage_settings(stage_name)
-        if stage_name in self.config.stages:
-            stage = self._stages[self.config.stages.index(stage_name)]
-            if getattr(stage, "apply_settings", None) is None:
-                raise ConfigError(f"stage {stage_name!r} does not take settings while running")
-            with self._lock:
-                self._pending_settings.append((stage, settings))
+        change = self.pipeline.request_settings(stage_name, settings)
+        if self._state is RunnerState.IDLE:
+            self.pipeline.apply_pending_settings()  # no stage thread yet: apply here
+        elif not change.done.wait(SETTINGS_WAIT_S):
+            log.warning("stage %s has not applied %s within %.0f s; it will between frames", stage_name, key, SETTINGS_WAIT_S)
+        if change.error is not None:
+            raise ConfigError(f"{key}={value!r}: {change.error}")
         self.config = new_config
         return getattr(settings, field_name)
 
@@ -305,21 +352,10 @@ class Runner:
         camera_image_number: int | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
-        with self._lock:
-            seq = self._next_seq
-            self._next_seq += 1
-            self._counts.received += 1
-            now = time.perf_counter()
-            if self._t_last_frame is not None:
-                dt = now - self._t_last_frame
-                if dt > 0:
-                    self._frame_rate_hz = 0.95 * self._frame_rate_hz + 0.05 / dt if self._frame_rate_hz else 1.0 / dt
-            self._t_last_frame = now
-        if self._metrics is not None:
-            self._metrics.frames_received.inc()
+        seq = self.accounting.receive(1)
         frame = Frame(seq, image, t_acquired, camera_image_number, metadata or {})
         while not self._bus.offer(frame):
-            if self._bus.policy == "drop":
+            if self._bus.policy == "drop" or not self._stages_alive():
                 self._count_dropped("bus_full", 1, camera_image_number)
                 return
             # block policy: wait for room; nothing accepted is lost, even while stopping
@@ -329,87 +365,57 @@ class Runner:
             return
         if reason not in DROP_REASONS:
             reason = "camera_gap"
-        with self._lock:
-            self._counts.received += count
-            self._next_seq += count  # lost frames keep their place in the frame numbering
-        if self._metrics is not None:
-            self._metrics.frames_received.inc(count)
+        self.accounting.receive(count, delivered=False)  # lost frames keep their place in the numbering
         self._count_dropped(reason, count, camera_image_number)
 
     def _count_dropped(self, reason: str, count: int, camera_image_number: int | None) -> None:
-        with self._lock:
-            c = self._counts
-            c.dropped[reason] += count
-            if reason not in c.pending_drop_events:
-                c.pending_drop_image_number[reason] = camera_image_number
-            c.pending_drop_events[reason] = c.pending_drop_events.get(reason, 0) + count
-        if self._metrics is not None:
-            self._metrics.frames_dropped.labels(reason).inc(count)
+        self.accounting.dropped(reason, count, camera_image_number)
+
+    def _stages_alive(self) -> bool:
+        thread = self._stage_thread
+        return thread is None or thread.is_alive()
 
     # -- threads ---------------------------------------------------------------------------
     def _stage_loop(self) -> None:
-        products: MutableMapping[str, Any] = {}
         while True:
-            if self._pending_settings:
-                with self._lock:
-                    pending, self._pending_settings = self._pending_settings, []
-                for stage, settings in pending:
-                    stage.apply_settings(settings)  # type: ignore[attr-defined]
-            frame = self._bus.take(0.02)
-            if frame is None:
-                if self._source_done.is_set() and self._bus.depth() == 0:
-                    return
-                continue
-            products.clear()
-            for stage in self._stages:
-                t0 = time.perf_counter()
-                try:
-                    emissions = stage.process(frame, products)
-                except Exception as exc:  # a stage bug or a bad frame must not end the run
-                    self._stage_failed(stage.name, frame, exc)
+            try:
+                self.pipeline.apply_pending_settings()
+                frame = self._bus.take(0.02)
+                if frame is None:
+                    if self._source_done.is_set() and self._bus.depth() == 0:
+                        return
                     continue
+                try:
+                    self.pipeline.process(frame)
                 finally:
+                    self.accounting.processed()
                     if self._metrics is not None:
-                        self._metrics.stage_latency.labels(stage.name).observe(time.perf_counter() - t0)
-                self._emit(emissions)
-            with self._lock:
-                self._counts.processed += 1
-            if self._metrics is not None:
-                self._metrics.frames_processed.inc()
-                self._metrics.frame_latency.observe(max(0.0, time.time() - frame.t_acquired))
-
-    def _stage_failed(self, stage: str, frame: Frame, exc: Exception) -> None:
-        with self._lock:
-            n = self._counts.stage_errors[stage] = self._counts.stage_errors.get(stage, 0) + 1
-        if n <= 10 or n % 1000 == 0:
-            log.warning("stage %s failed on frame %d (%d so far): %s: %s", stage, frame.seq, n, type(exc).__name__, exc)
-        if self._metrics is not None:
-            self._metrics.stage_errors.labels(stage).inc()
-        self._router.publish(
-            "stage_error",
-            StageErrorBody(stage=stage, error=f"{type(exc).__name__}: {exc}", errors_total=n),
-            frame_seq=frame.seq,
-            t_acquired=frame.t_acquired,
-        )
-
-    def _emit(self, emissions: Sequence[Emission]) -> None:
-        for em in emissions:
-            self._router.publish(em.topic, em.body, em.arrays, em.frame_seq, em.t_acquired)
+                        self._metrics.frame_latency.observe(max(0.0, time.time() - frame.t_acquired))
+            except Exception:  # noqa: BLE001 - the pipeline guards the stages; this guards the rest
+                log.exception("unexpected error in the stage thread; it goes on")
 
     def _housekeeping_loop(self) -> None:
         interval_s = self.config.events.heartbeat_interval_s
         next_beat = time.monotonic()
-        while not self._stopped.is_set():
-            self._flush_drop_events()
-            if self._metrics is not None:
-                with self._lock:
-                    stale = self._t_last_frame is not None and time.perf_counter() - self._t_last_frame > 2.0
-                    rate = 0.0 if stale else self._frame_rate_hz
-                self._metrics.camera_frame_rate.set(rate)
-            if time.monotonic() >= next_beat:
-                self._heartbeat()
-                next_beat += interval_s
-            self._stopped.wait(0.05)
+        while not self._housekeeping_done.is_set():
+            try:
+                self._publish_offloaded()
+                self._flush_drop_events(final=False)
+                if time.monotonic() >= next_beat:
+                    self._heartbeat()
+                    next_beat += interval_s
+            except Exception:  # noqa: BLE001 - heartbeats must go on
+                log.exception("unexpected error in the housekeeping thread; it goes on")
+            self._housekeeping_done.wait(0.02)
+
+    def _publish_offloaded(self) -> None:
+        try:
+            emissions = self._offload.poll()
+        except Exception:  # noqa: BLE001
+            log.exception("collecting off-thread results failed")
+            return
+        if emissions:
+            self.pipeline.publish("offload", emissions)
 
     def _heartbeat(self) -> None:
         st = self.status()
@@ -425,18 +431,27 @@ class Runner:
             ),
         )
 
-    def _flush_drop_events(self) -> None:
-        with self._lock:
-            pending = self._counts.pending_drop_events
-            numbers = self._counts.pending_drop_image_number
-            self._counts.pending_drop_events, self._counts.pending_drop_image_number = {}, {}
-            total = self._counts.dropped_total
-        for reason, count in pending.items():
+    def _flush_drop_events(self, final: bool) -> None:
+        """Publish pending drops, one event per :data:`DROP_EVENT_INTERVAL_S` at most; ``final``
+        publishes all that remain (still spaced)."""
+        while True:
+            wait_s = self._t_last_drop_event + DROP_EVENT_INTERVAL_S - time.monotonic()
+            if wait_s > 0:
+                if not final:
+                    return
+                time.sleep(wait_s)
+            report = self.accounting.take_drop_report()
+            if report is None:
+                return
+            self._t_last_drop_event = time.monotonic()
             self._router.publish(
                 "dropped_frames",
-                DroppedFramesBody(reason=reason, count=count, frames_dropped_total=total,  # type: ignore[arg-type]
-                                  camera_image_number=numbers.get(reason)),
+                DroppedFramesBody(reason=report.reason, count=report.count,  # type: ignore[arg-type]
+                                  frames_dropped_total=report.dropped_total,
+                                  camera_image_number=report.camera_image_number),
             )
+            if not final:
+                return
 
     def _lifecycle(self) -> None:
         while not (self._stop_requested.is_set() or self._source.finished.is_set()):
@@ -453,26 +468,27 @@ class Runner:
             log.error("stopping the source failed: %s", exc)
         self._source_done.set()
         self._threads[0].join()  # the stage loop drains the bus
-        for stage in self._stages:
-            teardown = getattr(stage, "teardown", None)
-            if teardown is None:
-                continue
-            try:
-                self._emit(teardown())
-            except Exception as exc:  # noqa: BLE001
-                log.error("stage %s failed at teardown: %s", stage.name, exc)
+        self.pipeline.teardown()
         try:
-            self._source.close()
-        except Exception as exc:  # noqa: BLE001
-            log.error("releasing the source failed: %s", exc)
-        self._flush_drop_events()
+            self._offload.close(OFFLOAD_CLOSE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001
+            log.exception("closing the off-thread service failed")
+        self._housekeeping_done.set()
+        self._threads[1].join()
+        self._publish_offloaded()  # what finished in the meantime
+        self._close_source()
+        self._flush_drop_events(final=True)
+        if not self._router.drain(SINK_DRAIN_TIMEOUT_S):
+            log.error("the sinks did not catch up within %.0f s", SINK_DRAIN_TIMEOUT_S)
         st = self.status()
+        with self._lock:
+            exit_status, reason = self._exit_status, self._stop_reason
         body = RunStopBody(
             frames_received=st.frames_received,
             frames_processed=st.frames_processed,
             frames_dropped=st.frames_dropped,
-            exit_status=self._exit_status,
-            reason=self._stop_reason,
+            exit_status=exit_status,
+            reason=reason,
             frames_dropped_by_reason=dict(st.frames_dropped_by_reason),
             stage_errors=dict(st.stage_errors),
             duration_s=time.time() - self._t_start,
@@ -483,24 +499,18 @@ class Runner:
         self._set_state(RunnerState.STOPPED)
         self._stopped.set()
 
+    def _close_source(self) -> None:
+        try:
+            self._source.close()
+        except Exception as exc:  # noqa: BLE001
+            log.error("releasing the source failed: %s", exc)
+
     def _set_state(self, state: RunnerState) -> None:
         with self._lock:
             self._state = state
         if self._metrics is not None:
             self._metrics.set_state(state.value, [s.value for s in RunnerState])
 
-    def _stage_counters(self) -> dict[str, Mapping[str, int]]:
-        out: dict[str, Mapping[str, int]] = {}
-        for stage in self._stages:
-            read = getattr(stage, "counters", None)
-            if read is not None:
-                try:
-                    out[stage.name] = dict(read())
-                except Exception:  # noqa: BLE001 - metrics must never fail a scrape
-                    continue
-        return out
-
 
 def new_run_id() -> str:
     return uuid.uuid4().hex
-

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 
 import zmq
 
@@ -12,8 +11,13 @@ from scopestream.daemon._config import ScopestreamConfig, stage_plugins
 from scopestream.daemon._control import ControlServer
 from scopestream.daemon._messages import RunStopBody, WelcomeBody
 from scopestream.daemon._metrics import Metrics
-from scopestream.daemon._publish import EventRouter, Sink, ZmqPublisher
-from scopestream.daemon._runner import Runner, RunnerStatus, new_run_id
+from scopestream.daemon._publish import (
+    PUBLISHER_QUEUE_MESSAGES,
+    TABLES_QUEUE_MESSAGES,
+    EventRouter,
+    ZmqPublisher,
+)
+from scopestream.daemon._runner import ExitStatus, Runner, RunnerStatus, new_run_id
 from scopestream.daemon._sources import FrameSource, make_source
 from scopestream.daemon._tables import TableSink
 
@@ -53,9 +57,10 @@ class Daemon:
         self.metrics_port: int | None = None
         self._ctx = context or zmq.Context.instance()
         self._closables: list[ControlServer] = []
-        sinks: list[Sink] = []
         self.publisher: ZmqPublisher | None = None
         self.tables: TableSink | None = None
+        self.router = EventRouter(self.run_id, on_sink_failure=self._sink_failed)
+        self.metrics.watch_sinks(self.router.sink_stats)
         try:
             if serve_events:
                 self.publisher = ZmqPublisher(
@@ -65,20 +70,21 @@ class Daemon:
                     on_sent=lambda topic: self.metrics.events_published.labels(topic).inc(),
                     on_subscribe=self._welcome,
                 )
-                sinks.append(self.publisher)
+                self.metrics.subscriptions.set_function(self.publisher.subscription_count)
+                self.router.add_sink("publisher", self.publisher, PUBLISHER_QUEUE_MESSAGES, "drop")
             if results_dir is not None:
                 plugins = stage_plugins()
                 tables = {t: f for name in config.stages for t, f in plugins[name].tables.items()}
                 self.tables = TableSink(results_dir, tables)
-                sinks.append(self.tables)
-            self.router = EventRouter(self.run_id, sinks)
+                # analyze: a slow writer slows the run down, nothing is lost; without it the run fails.
+                self.router.add_sink("tables", self.tables, TABLES_QUEUE_MESSAGES, "block", required=True)
             self.runner = Runner(config, source or make_source(config), self.router, self.metrics)
             if serve_control:
                 self._closables.append(ControlServer(config.control.endpoint, self.runner, self._ctx))
             if config.metrics.enabled:
                 self.metrics_port = self.metrics.serve(config.metrics.host, config.metrics.port)
         except BaseException:
-            self._close_sockets(sinks)
+            self._close_sockets()
             raise
 
     @property
@@ -90,8 +96,6 @@ class Daemon:
         return self._closables[0].endpoint if self._closables else None
 
     def _welcome(self, prefix: str) -> None:
-        if self.publisher is not None:
-            self.metrics.subscriptions.set(sum(self.publisher.subscriptions.values()))
         self.router.publish("welcome", WelcomeBody(subscription=prefix, run_id=self.run_id))
 
     def start(self) -> None:
@@ -102,8 +106,13 @@ class Daemon:
                 log.warning("no subscriber within %.1f s; starting anyway", wait_s)
         self.runner.start()
 
-    def stop(self, reason: str = "stop requested") -> None:
-        self.runner.request_stop(reason)
+    def stop(self, reason: str = "stop requested", exit_status: ExitStatus = "success") -> None:
+        """End the run: ``exit_status`` is ``"aborted"`` for a signal, ``"failed"`` for an error."""
+        self.runner.request_stop(reason, exit_status)
+
+    def _sink_failed(self, name: str, error: str, required: bool) -> None:
+        if required and hasattr(self, "runner"):
+            self.runner.request_stop(f"the {name} sink failed: {error}", "failed")
 
     def wait(self, timeout_s: float | None = None) -> bool:
         return self.runner.wait(timeout_s)
@@ -116,15 +125,16 @@ class Daemon:
         if self.runner.state.value not in ("idle", "stopped"):
             self.runner.request_stop("daemon closed")
             self.runner.wait(60)
-        self._close_sockets(self.router.sinks)
+        self._close_sockets()
         return self.runner.run_stop
 
-    def _close_sockets(self, sinks: Sequence[Sink]) -> None:
+    def _close_sockets(self) -> None:
         for closable in self._closables:
             closable.close()
         self._closables.clear()
-        for sink in sinks:
-            sink.close()
+        self.router.close()
+        if self.publisher is not None and not self.router.sinks:  # failed before it was attached
+            self.publisher.close()
         self.metrics.close()
 
     def run_until_stopped(self, poll_s: float = 0.2) -> RunStopBody | None:

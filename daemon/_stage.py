@@ -1,9 +1,18 @@
-"""The Stage role: what an analysis plugin is, and how plugins are found and checked.
+"""The Stage role: what an analysis plugin is, its life cycle, and how plugins are found and checked.
 
 A stage is one step of the per-frame analysis (``frame_stats``, ``localize``, ``track``, ...).
-It does no I/O: the runner feeds it frames, and it returns :class:`Emission` objects that the
-engine stamps, publishes and (in ``analyze``) writes to result tables. A stage keeps its state in
-one object and may read what earlier stages produced for the same frame from ``products``.
+It does no I/O: the engine calls :meth:`Stage.setup` once with what the run knows before the first
+frame (:class:`RunContext`), then :meth:`Stage.process` with every frame, in order, from one thread.
+``process`` returns :class:`Emission` objects that the engine stamps, publishes and (in
+``analyze``) writes to result tables; it reads what earlier stages of the same frame produced, and
+stores what it produces, in a typed :class:`~scopestream.daemon.Products` store.
+
+Optional roles are separate protocols, checked with ``isinstance``: :class:`TearsDown` (flush at
+the end of a run), :class:`TakesSettings` (settings changed over the control channel),
+:class:`ReportsCounters` (running totals exported as metrics).
+
+Slow work (MUSICAL windows, networks) goes off the stage thread through ``context.offload``
+(:class:`Offload`); its results are published from the engine's housekeeping tick.
 
 Plugins are found through the entry-point group ``scopestream.stages``; each entry point names a
 :class:`StagePlugin`. Built-in stages are registered the same way as third-party ones.
@@ -11,20 +20,24 @@ Plugins are found through the entry-point group ``scopestream.stages``; each ent
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 from pydantic import BaseModel
 
 from scopestream.daemon._frames import Frame
+from scopestream.daemon._products import Products
 
 if TYPE_CHECKING:
-    from scopestream.daemon._config import ScopestreamConfig
+    from scopestream.daemon._config import CameraConfig, OpticsConfig, ScopestreamConfig
+    from scopestream.daemon._messages import SourceDescription
 
 ENTRY_POINT_GROUP = "scopestream.stages"
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,27 +67,124 @@ class Emission:
     t_acquired: float | None = None
 
 
+class Offload(Protocol):
+    """The engine's off-thread service: runs slow work away from the stage thread.
+
+    ``fn`` must be a picklable module-level function (a backend may run it in another process or
+    on a Dask cluster); ``args`` must be picklable too. ``on_done(result)`` and
+    ``on_fail(exc)`` run on the engine's housekeeping thread when :meth:`poll` finds the job
+    finished, never on the stage thread: keep them free of stage state, or lock it. Their
+    emissions are published by the engine.
+    """
+
+    def submit(
+        self,
+        owner: str,
+        fn: Callable[..., R],
+        *args: Any,
+        on_done: Callable[[R], Sequence[Emission]],
+        on_fail: Callable[[BaseException], Sequence[Emission]],
+    ) -> bool:
+        """Start ``fn(*args)`` for stage ``owner``; False when busy (nothing started: the stage
+        counts the skip and publishes its own skip event)."""
+        ...
+
+    def poll(self) -> list[Emission]:
+        """Run the callbacks of the jobs that finished; return their emissions."""
+        ...
+
+    def counters(self, owner: str) -> Mapping[str, int]:
+        """Running totals for stage ``owner`` (submitted, done, failed, busy, in flight)."""
+        ...
+
+    def close(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for jobs in flight (their callbacks run), then stop the workers."""
+        ...
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a run knows before its first frame; given to every stage's :meth:`Stage.setup`.
+
+    Attributes
+    ----------
+    frame_shape_px
+        ``(height, width)`` of the frames the source delivers.
+    dtype
+        Their pixel dtype.
+    pixel_size_nm
+        Sample-plane pixel size (``optics.pixel_size_nm``).
+    frame_interval_ms, exposure_ms
+        Timing of the acquisition (``acquisition.*``).
+    camera, optics
+        The configuration sections.
+    source
+        The source's own description (kind, camera label, mode).
+    offload
+        The off-thread service for slow work.
+    """
+
+    frame_shape_px: tuple[int, int]
+    dtype: np.dtype[Any]
+    pixel_size_nm: float
+    frame_interval_ms: float
+    exposure_ms: float
+    camera: CameraConfig
+    optics: OpticsConfig
+    source: SourceDescription
+    offload: Offload
+
+
 @runtime_checkable
 class Stage(Protocol):
     """An analysis step, fed one frame at a time, in order, from one thread.
 
-    ``process`` returns the emissions for this frame (possibly none) and may store a product in
-    ``products[name]`` for later stages of the same frame (e.g. ``localize`` stores its table and
-    ``track`` reads it). A stage that raises is logged and counted; the run goes on.
-
-    Optional methods, looked up with ``getattr``:
-
-    - ``teardown() -> Sequence[Emission]``: the run is ending; flush (e.g. end all open tracks).
-    - ``apply_settings(settings) -> None``: new settings (same model as at construction) that the
-      control channel changed at run time; called between frames.
-    - ``counters() -> Mapping[str, int]``: running totals the stage wants exported as metrics
-      (e.g. windows skipped), named with units.
+    ``setup(context)`` runs once per run, after the source is open and before the first frame
+    (load weights, allocate buffers for ``context.frame_shape_px``, warm up). ``process`` returns
+    the emissions for this frame (possibly none), may read products of earlier stages with
+    ``products.get(T)`` and stores its own with ``products.put(obj)``. A stage that raises is
+    reported (``stage_error``) and counted; the run goes on.
     """
 
     name: str
 
-    def process(self, frame: Frame, products: MutableMapping[str, Any]) -> Sequence[Emission]:
+    def setup(self, context: RunContext) -> None:
+        """Prepare for a run."""
+        ...
+
+    def process(self, frame: Frame, products: Products) -> Sequence[Emission]:
         """Analyse one frame."""
+        ...
+
+
+@runtime_checkable
+class TearsDown(Protocol):
+    """A stage with something to flush when the run ends (e.g. end all open tracks)."""
+
+    def teardown(self) -> Sequence[Emission]:
+        """The run is ending: return the last emissions."""
+        ...
+
+
+@runtime_checkable
+class TakesSettings(Protocol):
+    """A stage whose settings may change while running (between frames).
+
+    ``apply_settings`` receives an instance of the plugin's ``settings_model``. It must either
+    take all of them or raise and keep the old ones.
+    """
+
+    def apply_settings(self, settings: Any) -> None:
+        """Use new settings from the next frame on."""
+        ...
+
+
+@runtime_checkable
+class ReportsCounters(Protocol):
+    """A stage with running totals to export as metrics (``scopestream_stage_counter``)."""
+
+    def counters(self) -> Mapping[str, int]:
+        """Running totals, named with units (e.g. ``windows_skipped``)."""
         ...
 
 
@@ -99,8 +209,14 @@ class StagePlugin:
         ``build(config, settings) -> Stage``; usually the stage class itself.
     topics
         Topic name -> body model, for every topic the stage publishes.
-    requires
-        Stages that must run before this one in the same pipeline (their products are read).
+    consumes
+        Product types the stage needs from earlier stages of the same frame; a pipeline in which
+        no earlier stage produces one of them is a configuration error.
+    produces
+        Product types the stage stores for later stages.
+    consumes_if_present
+        Product types the stage reads when an earlier stage produces them, and does without
+        otherwise.
     runtime_settable
         Settings fields that ``set`` over the control channel may change while running.
     tables
@@ -113,7 +229,9 @@ class StagePlugin:
     settings_model: type[BaseModel]
     build: StageFactory
     topics: Mapping[str, type[BaseModel]] = field(default_factory=dict)
-    requires: tuple[str, ...] = ()
+    consumes: tuple[type, ...] = ()
+    produces: tuple[type, ...] = ()
+    consumes_if_present: tuple[type, ...] = ()
     runtime_settable: frozenset[str] = frozenset()
     tables: Mapping[str, str] = field(default_factory=dict)
     description: str = ""
@@ -143,6 +261,34 @@ def installed_stage_plugins() -> dict[str, StagePlugin]:
     return plugins
 
 
+def check_products(stages: Sequence[str], plugins: Mapping[str, StagePlugin]) -> None:
+    """Check that every product a stage consumes is produced by a stage before it.
+
+    Raises
+    ------
+    ValueError
+        Naming the stage, the product, and which installed stage would produce it.
+    """
+    produced: set[type] = set()
+    for name in stages:
+        plugin = plugins[name]
+        for kind in plugin.consumes:
+            if kind in produced:
+                continue
+            makers = sorted(n for n, p in plugins.items() if kind in p.produces and n != name)
+            if not makers:
+                hint = "no installed stage produces it"
+            elif any(m in stages for m in makers):
+                hint = f"stage {makers[0]!r} produces it: list it before {name!r}"
+            else:
+                hint = f"installed stage(s) {makers} produce it: add one before {name!r}"
+            raise ValueError(
+                f"stage {name!r} consumes {kind.__name__}, which no stage before it produces "
+                f"(stages are {list(stages)}); {hint}"
+            )
+        produced.update(plugin.produces)
+
+
 def build_stage(plugin: StagePlugin, config: ScopestreamConfig, settings: BaseModel) -> Stage:
     """Build a stage from its validated settings and check that it fits the :class:`Stage` protocol."""
     if not isinstance(settings, plugin.settings_model):
@@ -153,6 +299,6 @@ def build_stage(plugin: StagePlugin, config: ScopestreamConfig, settings: BaseMo
     if not isinstance(stage, Stage):
         raise TypeError(
             f"stage plugin {plugin.name!r} built a {type(stage).__name__}, which does not fit the "
-            "Stage protocol (needs a `name` attribute and `process(frame, products)`)"
+            "Stage protocol (needs a `name` attribute, `setup(context)` and `process(frame, products)`)"
         )
     return stage

@@ -54,6 +54,16 @@ class TableSink:
                 path.write_text("frame\n")
 
 
+def as_table(columns: Mapping[str, np.ndarray]) -> Any:
+    """A pandas DataFrame of the columns if pandas is importable, else the dict itself
+    (the batch APIs' tables: pandas is not a dependency)."""
+    try:
+        import pandas as pd
+    except ImportError:
+        return dict(columns)
+    return pd.DataFrame(dict(columns))
+
+
 def _rows(env: Envelope) -> list[dict[str, Any]]:
     arrays = {k: np.asarray(v) for k, v in env.arrays.items()}
     if arrays:

@@ -32,8 +32,7 @@ the last positions for the rolling window and the MSD lags): the per-frame work 
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -41,18 +40,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from scopestream.daemon._config import ScopestreamConfig
 from scopestream.daemon._frames import Frame
-from scopestream.daemon._stage import Emission, StagePlugin
-from scopestream.plugins.localize import as_table
-from scopestream.plugins.track import TrackUpdate
+from scopestream.daemon._products import DiffusionEstimates, DiffusionUpdate, Products, TrackUpdate
+from scopestream.daemon._stage import Emission, RunContext, StagePlugin
+from scopestream.daemon._tables import as_table
 
 __all__ = [
     "DiffusionSettings",
     "DiffusionBody",
     "DiffusionEstimates",
     "DiffusionEstimator",
+    "DiffusionUpdate",
     "DiffusionStage",
     "cve_from_sums",
     "cve_variance",
+    "estimate_bodies",
     "estimate_diffusion",
     "PLUGIN",
 ]
@@ -95,47 +96,21 @@ class DiffusionBody(BaseModel):
     method: Literal["cve", "msd"] = Field(description="Estimator used.")
 
 
-@dataclass(frozen=True)
-class DiffusionEstimates:
-    """Estimates for several tracks (``products["diffusion"]``), one element per estimate.
+def estimate_bodies(est: DiffusionEstimates, method: Literal["cve", "msd"]) -> list[DiffusionBody]:
+    """One event body per estimate (NaN -> None)."""
+    def opt(v: float) -> float | None:
+        return float(v) if np.isfinite(v) else None
 
-    Attributes
-    ----------
-    particle, frame_start, frame_end, n_steps
-        int64 arrays.
-    D_um2_per_s, D_err_um2_per_s, sigma_loc_nm
-        float64 arrays, NaN where undefined.
-    window
-        "rolling" or "track" (all the same).
-    """
-
-    particle: np.ndarray
-    frame_start: np.ndarray
-    frame_end: np.ndarray
-    n_steps: np.ndarray
-    D_um2_per_s: np.ndarray
-    D_err_um2_per_s: np.ndarray
-    sigma_loc_nm: np.ndarray
-    window: Literal["rolling", "track"]
-
-    def __len__(self) -> int:
-        return int(self.particle.shape[0])
-
-    def bodies(self, method: Literal["cve", "msd"]) -> list[DiffusionBody]:
-        """One event body per estimate (NaN -> None)."""
-        def opt(v: float) -> float | None:
-            return float(v) if np.isfinite(v) else None
-
-        return [
-            DiffusionBody(
-                particle=int(p), frame_start=int(fs), frame_end=int(fe), D_um2_per_s=opt(d), D_err_um2_per_s=opt(e),
-                sigma_loc_nm=opt(s), n_steps=int(n), window=self.window, method=method,
-            )
-            for p, fs, fe, d, e, s, n in zip(
-                self.particle, self.frame_start, self.frame_end, self.D_um2_per_s, self.D_err_um2_per_s,
-                self.sigma_loc_nm, self.n_steps, strict=True,
-            )
-        ]
+    return [
+        DiffusionBody(
+            particle=int(p), frame_start=int(fs), frame_end=int(fe), D_um2_per_s=opt(d), D_err_um2_per_s=opt(e),
+            sigma_loc_nm=opt(s), n_steps=int(n), window=est.window, method=method,
+        )
+        for p, fs, fe, d, e, s, n in zip(
+            est.particle, est.frame_start, est.frame_end, est.D_um2_per_s, est.D_err_um2_per_s,
+            est.sigma_loc_nm, est.n_steps, strict=True,
+        )
+    ]
 
 
 def cve_from_sums(
@@ -459,8 +434,9 @@ class DiffusionEstimator:
 
 
 class DiffusionStage:
-    """The ``diffusion`` stage: reads ``products["track"]``, publishes ``diffusion`` events
-    (rolling estimates when due; whole-track estimates when a track ends and at run end)."""
+    """The ``diffusion`` stage: consumes the :class:`TrackUpdate`, produces a
+    :class:`DiffusionUpdate` and publishes ``diffusion`` events (rolling estimates when due;
+    whole-track estimates when a track ends and at run end)."""
 
     name = "diffusion"
 
@@ -469,22 +445,23 @@ class DiffusionStage:
         self._estimator = DiffusionEstimator(settings, config)
         self._last_frame: tuple[int, float | None] | None = None
 
-    def process(self, frame: Frame, products: MutableMapping[str, Any]) -> Sequence[Emission]:
+    def setup(self, context: RunContext) -> None:
+        """Nothing to prepare: the estimator's arrays grow with the open tracks."""
+
+    def process(self, frame: Frame, products: Products) -> Sequence[Emission]:
         """Add this frame's track positions; emit estimates that are due."""
-        upd = products.get("track")
-        if not isinstance(upd, TrackUpdate):
-            raise ValueError(f"frame {frame.seq}: no track update from the 'track' stage")
+        upd = products.require(TrackUpdate, self.name)
         self._last_frame = (frame.seq, frame.t_acquired)
         rolling, ended = self._estimator.update(upd)
-        out = [e for e in (rolling, ended) if e is not None]
-        products[self.name] = out
+        out = tuple(e for e in (rolling, ended) if e is not None)
+        products.put(DiffusionUpdate(frame.seq, out))
         return self._emissions(out, frame.seq, frame.t_acquired)
 
     def _emissions(self, estimates: Sequence[DiffusionEstimates], frame_seq: int | None, t: float | None) -> list[Emission]:
         method = self._estimator.settings.method
         return [
             Emission("diffusion", body, frame_seq=frame_seq, t_acquired=t)
-            for est in estimates for body in est.bodies(method)
+            for est in estimates for body in estimate_bodies(est, method)
         ]
 
     def teardown(self) -> Sequence[Emission]:
@@ -501,7 +478,8 @@ PLUGIN = StagePlugin(
     settings_model=DiffusionSettings,
     build=DiffusionStage,
     topics={"diffusion": DiffusionBody},
-    requires=("track",),
+    consumes=(TrackUpdate,),
+    produces=(DiffusionUpdate,),
     tables={"diffusion": "diffusion.csv"},
     description="Diffusion coefficient per track (covariance-based estimator, or optimal MSD fit), rolling and whole-track.",
 )

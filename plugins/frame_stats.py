@@ -6,15 +6,15 @@ bleaching and saturation live.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from scopestream.daemon._config import ScopestreamConfig
 from scopestream.daemon._frames import Frame
-from scopestream.daemon._stage import Emission, StagePlugin
+from scopestream.daemon._products import FrameStatistics, Products
+from scopestream.daemon._stage import Emission, RunContext, StagePlugin
 
 
 class FrameStatsSettings(BaseModel):
@@ -56,10 +56,13 @@ class FrameStatsStage:
         self._saturation_adu = config.camera.saturation_adu
         self._settings = settings
 
+    def setup(self, context: RunContext) -> None:
+        """Nothing to prepare: the statistics need no state."""
+
     def apply_settings(self, settings: FrameStatsSettings) -> None:
         self._settings = settings
 
-    def process(self, frame: Frame, products: MutableMapping[str, Any]) -> Sequence[Emission]:
+    def process(self, frame: Frame, products: Products) -> Sequence[Emission]:
         image = frame.image
         if image.ndim != 2 or image.size == 0:
             raise ValueError(f"frame {frame.seq}: expected a non-empty 2-D image, got shape {image.shape}")
@@ -77,7 +80,7 @@ class FrameStatsStage:
         if nonfinite:
             sample = sample[np.isfinite(sample)]
         background = float(np.percentile(sample, self._settings.background_percentile)) if sample.size else float(np.percentile(values, self._settings.background_percentile))
-        body = FrameStatsBody(
+        stats = FrameStatistics(
             frame_seq=frame.seq,
             camera_image_number=frame.camera_image_number,
             height_px=image.shape[0],
@@ -89,7 +92,8 @@ class FrameStatsStage:
             saturated_fraction=float(np.count_nonzero(values >= self._saturation_adu)) / image.size,
             nonfinite_fraction=nonfinite / image.size,
         )
-        products[self.name] = body
+        products.put(stats)
+        body = FrameStatsBody(**vars(stats))  # the same fields, by design
         return [Emission("frame_stats", body, frame_seq=frame.seq, t_acquired=frame.t_acquired)]
 
 
@@ -98,6 +102,7 @@ PLUGIN = StagePlugin(
     settings_model=FrameStatsSettings,
     build=FrameStatsStage,
     topics={"frame_stats": FrameStatsBody},
+    produces=(FrameStatistics,),
     runtime_settable=frozenset({"background_percentile", "sample_stride_px"}),
     tables={"frame_stats": "frame_stats.csv"},
     description="Per-frame mean, max, background and saturated fraction.",

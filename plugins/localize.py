@@ -30,8 +30,7 @@ can be imported, else dicts of 1-D numpy arrays (pandas is not a dependency).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -42,7 +41,9 @@ from scipy.spatial import cKDTree
 
 from scopestream.daemon._config import ScopestreamConfig
 from scopestream.daemon._frames import Frame
-from scopestream.daemon._stage import Emission, StagePlugin
+from scopestream.daemon._products import LOCALIZATION_COLUMNS, Localizations, Products
+from scopestream.daemon._stage import Emission, RunContext, StagePlugin
+from scopestream.daemon._tables import as_table
 from scopestream.plugins._gaussian_mle import (
     _border_background,
     fit_mle,
@@ -56,11 +57,12 @@ __all__ = [
     "Localizations",
     "Localizer",
     "LocalizeStage",
+    "as_table",
     "locate",
     "PLUGIN",
 ]
 
-_COLUMNS = ("x", "y", "photons", "background", "sigma", "uncertainty_px")
+_COLUMNS = LOCALIZATION_COLUMNS
 
 
 class LocalizeSettings(BaseModel):
@@ -119,49 +121,6 @@ class LocalizationsBody(BaseModel):
     noise_scale: float = Field(
         description="Measured band-pass noise over the Poisson prediction (1 for a well-calibrated camera; dimensionless)."
     )
-
-
-@dataclass(frozen=True)
-class Localizations:
-    """The localizations of one frame (``products["localize"]``).
-
-    Attributes
-    ----------
-    frame_seq
-        The frame's daemon sequence number.
-    x, y
-        Position, px (x = column, y = row; centre of pixel (0, 0) is (0.0, 0.0)).
-    photons
-        Detected photons of the spot.
-    background
-        Background, photons per pixel.
-    sigma
-        PSF standard deviation, px (fitted or fixed).
-    uncertainty_px
-        Mortensen et al. (2010) localization uncertainty (one coordinate, standard deviation), px.
-    """
-
-    frame_seq: int
-    x: np.ndarray
-    y: np.ndarray
-    photons: np.ndarray
-    background: np.ndarray
-    sigma: np.ndarray
-    uncertainty_px: np.ndarray
-    diagnostics: Mapping[str, float] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return int(self.x.shape[0])
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The table columns as a dict of 1-D float64 arrays."""
-        return {name: getattr(self, name) for name in _COLUMNS}
-
-    @classmethod
-    def empty(cls, frame_seq: int) -> Localizations:
-        """No localizations."""
-        e = np.empty(0)
-        return cls(frame_seq, e, e, e, e, e, e)
 
 
 class Localizer:
@@ -561,8 +520,8 @@ def _check_image(image: Any) -> np.ndarray:
 
 
 class LocalizeStage:
-    """The ``localize`` stage: stores :class:`Localizations` in ``products["localize"]`` and
-    publishes them on topic ``localizations``."""
+    """The ``localize`` stage: produces :class:`Localizations` and publishes them on topic
+    ``localizations``."""
 
     name = "localize"
 
@@ -570,18 +529,21 @@ class LocalizeStage:
         self._config = config
         self._localizer = Localizer(settings, config)
 
+    def setup(self, context: RunContext) -> None:
+        """Nothing to prepare: buffers are sized on the first frame."""
+
     def apply_settings(self, settings: LocalizeSettings) -> None:
         """Use new settings from the next frame on."""
         self._localizer = Localizer(settings, self._config)
 
-    def process(self, frame: Frame, products: MutableMapping[str, Any]) -> Sequence[Emission]:
+    def process(self, frame: Frame, products: Products) -> Sequence[Emission]:
         """Localize the spots of one frame."""
         try:
             locs = self._localizer.localize(frame.image, frame.seq)
         except ValueError as exc:
-            products[self.name] = Localizations.empty(frame.seq)
+            products.put(Localizations.empty(frame.seq))
             raise ValueError(f"frame {frame.seq}: {exc}") from None
-        products[self.name] = locs
+        products.put(locs)
         d = locs.diagnostics
         body = LocalizationsBody(
             frame_seq=frame.seq,
@@ -600,6 +562,7 @@ PLUGIN = StagePlugin(
     settings_model=LocalizeSettings,
     build=LocalizeStage,
     topics={"localizations": LocalizationsBody},
+    produces=(Localizations,),
     runtime_settable=frozenset({"threshold_snr", "min_separation_px", "min_photons", "method", "max_spots"}),
     tables={"localizations": "localizations.csv"},
     description="Spot detection and Poisson-MLE localization with Cramér-Rao uncertainties.",
@@ -607,15 +570,6 @@ PLUGIN = StagePlugin(
 
 
 # -- batch API ------------------------------------------------------------------------------
-
-
-def as_table(columns: Mapping[str, np.ndarray]) -> Any:
-    """A pandas DataFrame of the columns if pandas is importable, else the dict itself."""
-    try:
-        import pandas as pd
-    except ImportError:
-        return dict(columns)
-    return pd.DataFrame(dict(columns))
 
 
 def locate(image: np.ndarray, config: ScopestreamConfig | None = None, **settings: Any) -> Any:

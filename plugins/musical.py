@@ -33,7 +33,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
@@ -45,7 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from scopestream.daemon._config import ScopestreamConfig
 from scopestream.daemon._frames import Frame
-from scopestream.daemon._stage import Emission, StagePlugin
+from scopestream.daemon._products import Products, TrackUpdate
+from scopestream.daemon._stage import Emission, RunContext, StagePlugin
 from scopestream.plugins._musical_core import (
     MIN_WINDOW_FRAMES,
     Backend,
@@ -570,7 +571,10 @@ class MusicalStage:
 
     # frames ---------------------------------------------------------------------------------
 
-    def process(self, frame: Frame, products: MutableMapping[str, Any]) -> Sequence[Emission]:
+    def setup(self, context: RunContext) -> None:
+        """Nothing to prepare yet: buffers are sized on the first frame."""
+
+    def process(self, frame: Frame, products: Products) -> Sequence[Emission]:
         """Buffer this frame's crops, submit complete windows, return finished images."""
         image = frame.image
         if image.ndim != 2 or image.size == 0:
@@ -590,7 +594,7 @@ class MusicalStage:
             self._running_max = max(self._running_max, float(image.max()))
             if self._frames_seen + 1 >= self._settings.window_frames:
                 self._scale = self._running_max if self._running_max > 0 else 1.0
-        track = products.get("track")
+        track = products.get(TrackUpdate)
         if track is not None and self._ring is not None:
             self._ingest_track(frame, image, track, emissions)
         if self._settings.full_field_every_frames > 0:
@@ -890,8 +894,8 @@ PLUGIN = StagePlugin(
     settings_model=MusicalSettings,
     build=MusicalStage,
     topics={"musical": MusicalBody, "musical_skipped": MusicalSkippedBody},
-    # Not ("track",): without a tracker the stage still runs full-field windows.
-    requires=(),
+    # Not consumes: without a tracker the stage still runs full-field windows.
+    consumes_if_present=(TrackUpdate,),
     runtime_settable=frozenset(
         {"alpha", "threshold", "subpixels", "full_field_subpixels", "skip_when_busy",
          "max_pending_windows", "teardown_timeout_s"}

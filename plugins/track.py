@@ -27,8 +27,7 @@ Batch API: :func:`link` (like ``trackpy.link``).
 from __future__ import annotations
 
 import math
-from collections.abc import MutableMapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -39,8 +38,9 @@ from scipy.spatial import cKDTree
 
 from scopestream.daemon._config import ScopestreamConfig
 from scopestream.daemon._frames import Frame
-from scopestream.daemon._stage import Emission, StagePlugin
-from scopestream.plugins.localize import Localizations, as_table
+from scopestream.daemon._products import Localizations, Products, TrackUpdate
+from scopestream.daemon._stage import Emission, RunContext, StagePlugin
+from scopestream.daemon._tables import as_table
 
 __all__ = ["TrackSettings", "TrackBody", "TrackUpdate", "Tracker", "TrackStage", "link", "PLUGIN"]
 
@@ -90,39 +90,6 @@ class TrackBody(BaseModel):
     open_tracks: int = Field(description="Tracks open after this frame, including coasting ones.")
 
 
-@dataclass(frozen=True)
-class TrackUpdate:
-    """What ``track`` stores in ``products["track"]`` for one frame.
-
-    Attributes
-    ----------
-    frame_seq
-        The frame's daemon sequence number.
-    particle
-        Ids of the tracks that have a detection in this frame (int64, ascending).
-    x, y
-        The detections' positions, px.
-    started, ended
-        Ids that started / ended in this frame.
-    uncertainty_px
-        The detections' localization uncertainty, px.
-    detection_index
-        For each entry, its index in the detections passed to :meth:`Tracker.update`.
-    """
-
-    frame_seq: int
-    particle: np.ndarray
-    x: np.ndarray
-    y: np.ndarray
-    started: list[int]
-    ended: list[int]
-    uncertainty_px: np.ndarray = field(default_factory=lambda: np.empty(0))
-    detection_index: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-
-    def __len__(self) -> int:
-        return int(self.particle.shape[0])
-
-
 class Tracker:
     """Streaming multi-target tracker; all state lives here, in arrays over open tracks.
 
@@ -149,6 +116,17 @@ class Tracker:
         self.mean = np.empty((0, 2, 2))  # track, axis (x, y), (position, velocity)
         self.cov = np.empty((0, 2, 2))  # track, 2x2 per-axis covariance (same for x and y)
         self.missed = np.empty(0, dtype=np.int64)
+
+    def reconfigure(self, settings: TrackSettings) -> None:
+        """Use new settings from the next frame on, keeping the open tracks.
+
+        All-or-nothing: the derived parameters are computed first, so settings that cannot be
+        used (an overflow) raise here and leave the tracker as it was.
+        """
+        fresh = Tracker(settings)
+        self.settings = settings
+        self._q_pos, self._q_acc = fresh._q_pos, fresh._q_acc
+        self._gate_d2, self._no_link = fresh._gate_d2, fresh._no_link
 
     @property
     def open_tracks(self) -> int:
@@ -374,8 +352,8 @@ def _greedy_links(ti: np.ndarray, dj: np.ndarray, cost: np.ndarray) -> tuple[np.
 
 
 class TrackStage:
-    """The ``track`` stage: reads ``products["localize"]``, stores a :class:`TrackUpdate` in
-    ``products["track"]`` and publishes it on topic ``track``."""
+    """The ``track`` stage: consumes :class:`Localizations`, produces a :class:`TrackUpdate` and
+    publishes it on topic ``track``."""
 
     name = "track"
 
@@ -383,23 +361,25 @@ class TrackStage:
         self._tracker = Tracker(settings)
         self._last_frame_seq: int | None = None
 
-    def apply_settings(self, settings: TrackSettings) -> None:
-        """New settings apply to the next frame; open tracks are kept."""
-        self._tracker.settings = settings
-        fresh = Tracker(settings)
-        self._tracker._q_pos, self._tracker._q_acc = fresh._q_pos, fresh._q_acc
-        self._tracker._gate_d2, self._tracker._no_link = fresh._gate_d2, fresh._no_link
+    def setup(self, context: RunContext) -> None:
+        """Nothing to prepare: the tracker's arrays grow with the open tracks."""
 
-    def process(self, frame: Frame, products: MutableMapping[str, Any]) -> Sequence[Emission]:
+    def apply_settings(self, settings: TrackSettings) -> None:
+        """New settings apply to the next frame; open tracks are kept.
+
+        All-or-nothing: the new tracker is built first, so settings it cannot take (an overflow)
+        raise here and leave the old ones in force.
+        """
+        self._tracker.reconfigure(settings)
+
+    def process(self, frame: Frame, products: Products) -> Sequence[Emission]:
         """Link this frame's localizations."""
-        locs = products.get("localize")
-        if not isinstance(locs, Localizations):
-            raise ValueError(f"frame {frame.seq}: no localizations from the 'localize' stage")
+        locs = products.require(Localizations, self.name)
         if self._last_frame_seq is not None and frame.seq <= self._last_frame_seq:
             raise ValueError(f"frame {frame.seq}: frames out of order (last was {self._last_frame_seq})")
         self._last_frame_seq = frame.seq
         upd = self._tracker.update(frame.seq, locs.x, locs.y, locs.uncertainty_px)
-        products[self.name] = upd
+        products.put(upd)
         return [self._emission(upd, frame.t_acquired)]
 
     def _emission(self, upd: TrackUpdate, t_acquired: float | None) -> Emission:
@@ -425,7 +405,8 @@ PLUGIN = StagePlugin(
     settings_model=TrackSettings,
     build=TrackStage,
     topics={"track": TrackBody},
-    requires=("localize",),
+    consumes=(Localizations,),
+    produces=(TrackUpdate,),
     runtime_settable=frozenset({"max_displacement_px", "max_gap_frames", "gate_probability", "max_candidates"}),
     tables={"track": "tracks.csv"},
     description="Kalman-filter tracking with sparse optimal assignment and gap closing.",

@@ -7,7 +7,7 @@ import re
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import pytest
 import tifffile
 from pydantic import BaseModel
 
-from scopestream.daemon import Emission, Frame, StagePlugin, register_stage_plugin
+from scopestream.daemon import Emission, Frame, Products, RunContext, StagePlugin, register_stage_plugin
 from scopestream.daemon._config import ScopestreamConfig
 from scopestream.daemon._service import Daemon
 from scopestream.daemon.client import ControlClient, Subscriber
@@ -161,7 +161,10 @@ class _Tick(BaseModel):
 class _SlowStage:
     name = "slow_test"
 
-    def process(self, frame: Frame, products: MutableMapping[str, Any]) -> Sequence[Emission]:
+    def setup(self, context: RunContext) -> None:
+        pass
+
+    def process(self, frame: Frame, products: Products) -> Sequence[Emission]:
         time.sleep(0.02)
         return [Emission("slow_tick", _Tick(frame_seq=frame.seq), frame_seq=frame.seq)]
 
@@ -169,7 +172,10 @@ class _SlowStage:
 class _FlakyStage:
     name = "flaky_test"
 
-    def process(self, frame: Frame, products: MutableMapping[str, Any]) -> Sequence[Emission]:
+    def setup(self, context: RunContext) -> None:
+        pass
+
+    def process(self, frame: Frame, products: Products) -> Sequence[Emission]:
         if frame.seq % 3 == 0:
             raise RuntimeError(f"cannot handle frame {frame.seq}")
         return []
@@ -180,7 +186,10 @@ class _BulkyStage:
 
     name = "bulky_test"
 
-    def process(self, frame: Frame, products: MutableMapping[str, Any]) -> Sequence[Emission]:
+    def setup(self, context: RunContext) -> None:
+        pass
+
+    def process(self, frame: Frame, products: Products) -> Sequence[Emission]:
         return [Emission("bulky", _Tick(frame_seq=frame.seq), {"image": np.zeros((128, 128), np.float64)}, frame_seq=frame.seq)]
 
 

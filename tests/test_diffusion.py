@@ -11,6 +11,7 @@ import pytest
 from scopestream.daemon import Frame, installed_stage_plugins
 from scopestream.daemon._config import build_config
 from scopestream.plugins.diffusion import DiffusionStage, cve_variance, estimate_diffusion
+from scopestream.daemon._products import Products
 from scopestream.plugins.track import TrackUpdate
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -85,7 +86,7 @@ def test_gaps_do_not_bias_the_estimate() -> None:
 
 def test_stage_rolling_ended_and_teardown() -> None:
     plugin = installed_stage_plugins()["diffusion"]
-    assert plugin.requires == ("track",) and plugin.tables == {"diffusion": "diffusion.csv"}
+    assert plugin.consumes == (TrackUpdate,) and plugin.tables == {"diffusion": "diffusion.csv"}
     cfg = build_config({**CFG.model_dump(include={"acquisition", "optics"}), "stages": ["localize", "track", "diffusion"],
                         "diffusion": {"window_frames": 10, "step_frames": 5}})
     stage = DiffusionStage(cfg, cfg.stage_settings("diffusion"))  # type: ignore[arg-type]
@@ -96,7 +97,7 @@ def test_stage_rolling_ended_and_teardown() -> None:
         ended = [1] if f == 20 else []
         ids = np.array([0, 1]) if f <= 20 else np.array([0])
         upd = TrackUpdate(f, ids, pos[ids, f, 0], pos[ids, f, 1], [], ended)
-        bodies += [e.body for e in stage.process(Frame(seq=f, image=img, t_acquired=0.0), {"track": upd})]
+        bodies += [e.body for e in stage.process(Frame(seq=f, image=img, t_acquired=0.0), Products(upd))]
     rolling = [b for b in bodies if b.window == "rolling"]  # type: ignore[attr-defined]
     assert rolling and all(b.frame_end - b.frame_start == 9 for b in rolling)  # type: ignore[attr-defined]
     ended_bodies = [b for b in bodies if b.window == "track"]  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from scopestream.daemon import Frame, installed_stage_plugins
+from scopestream.daemon import Frame, Products, installed_stage_plugins
 from scopestream.daemon._config import build_config
 from scopestream.plugins._gaussian_mle import (
     fisher_crlb_px,
@@ -187,9 +187,9 @@ def test_stage_publishes_localizations_and_product() -> None:
     img, tx, ty = _frame(rng, n_spots=10, shape=(96, 96))
     cfg = build_config({"stages": ["localize"], "localize": {"psf_sigma_px": SIGMA}})
     stage = LocalizeStage(cfg, cfg.stage_settings("localize"))  # type: ignore[arg-type]
-    products: dict = {}
+    products = Products()
     (em,) = stage.process(Frame(seq=3, image=img, t_acquired=1.0), products)
-    locs = products["localize"]
+    locs = products.get(Localizations)
     assert isinstance(locs, Localizations) and len(locs) == 10 and locs.frame_seq == 3
     assert em.topic == "localizations" and em.body.count == 10 and em.frame_seq == 3  # type: ignore[attr-defined]
     assert set(em.arrays) == {"x", "y", "photons", "background", "sigma", "uncertainty_px"}

@@ -20,6 +20,7 @@ from scipy.special import erf, j1
 from scopestream.daemon._config import ScopestreamConfig
 from scopestream.daemon._errors import InputError
 from scopestream.daemon._frames import Frame
+from scopestream.daemon._products import Products, TrackUpdate
 from scopestream.plugins import _musical_core as core
 from scopestream.plugins import musical as mus
 from scopestream.plugins.musical import (
@@ -413,16 +414,10 @@ def test_auto_threshold_finds_the_shoulder() -> None:
 # -- the live stage ------------------------------------------------------------------------------
 
 
-@dataclass
-class FakeTrackUpdate:
-    """Duck-typed like plugins/track.py's TrackUpdate (contract 3)."""
-
-    frame_seq: int
-    particle: np.ndarray
-    x: np.ndarray
-    y: np.ndarray
-    started: list[int] = field(default_factory=list)
-    ended: list[int] = field(default_factory=list)
+def track_update(frame_seq: int, particle: np.ndarray, x: np.ndarray, y: np.ndarray,
+                 started: list[int] | None = None, ended: list[int] | None = None) -> TrackUpdate:
+    """The product ``track`` stores (contract 3)."""
+    return TrackUpdate(frame_seq, particle, x, y, started or [], ended or [])
 
 
 def make_stage(**settings: Any) -> MusicalStage:
@@ -437,7 +432,7 @@ def make_stage(**settings: Any) -> MusicalStage:
 def feed(stage: MusicalStage, movie: np.ndarray, tracks: list[Any] | None = None) -> list[Any]:
     out: list[Any] = []
     for i, frame_image in enumerate(movie):
-        products: dict[str, Any] = {} if tracks is None else {"track": tracks[i]}
+        products = Products() if tracks is None else Products(tracks[i])
         out.extend(stage.process(Frame(seq=i, image=frame_image, t_acquired=float(i)), products))
     out.extend(stage.teardown())
     return out
@@ -448,7 +443,7 @@ def test_stage_track_windows() -> None:
     movie, ys, xs = circ_movie(n, (60, 64), (30.2, 28.7), 300.0, seed=7, turns=n / k)
     movie = movie.astype(np.uint16)
     jitter = np.random.default_rng(1).normal(0, 0.05, (2, n))  # localization noise of the tracker
-    tracks = [FakeTrackUpdate(i, np.array([7]), np.array([xs[i] + jitter[1, i]]), np.array([ys[i] + jitter[0, i]]),
+    tracks = [track_update(i, np.array([7]), np.array([xs[i] + jitter[1, i]]), np.array([ys[i] + jitter[0, i]]),
                               started=[7] if i == 0 else []) for i in range(n)]
     stage = make_stage(window_frames=k, slide_frames=slide, threshold="auto")
     emissions = feed(stage, movie, tracks)
@@ -501,7 +496,7 @@ def test_stage_skips_when_busy_and_teardown_flushes(monkeypatch: pytest.MonkeyPa
                        max_pending_windows=1, full_field_subpixels=2)
     emissions: list[Any] = []
     for i, im in enumerate(movie):
-        emissions.extend(stage.process(Frame(seq=i, image=im, t_acquired=0.0), {}))
+        emissions.extend(stage.process(Frame(seq=i, image=im, t_acquired=0.0), Products()))
     # Window 1 is blocked in the worker; windows 2 and 3 found the pool full.
     skipped = [e for e in emissions if e.topic == "musical_skipped"]
     assert [(e.body.frame_start, e.body.reason) for e in skipped] == [(16, "busy"), (32, "busy")]
@@ -530,17 +525,17 @@ def test_stage_bad_input_never_crashes(monkeypatch: pytest.MonkeyPatch) -> None:
     stage = make_stage(window_frames=10, full_field_every_frames=10)
     bad = np.full((12, 12), np.nan)
     with pytest.raises(ValueError, match="NaN"):
-        stage.process(Frame(seq=0, image=bad, t_acquired=0.0), {})
+        stage.process(Frame(seq=0, image=bad, t_acquired=0.0), Products())
     with pytest.raises(ValueError, match="2-D"):
-        stage.process(Frame(seq=0, image=np.zeros(5), t_acquired=0.0), {})
+        stage.process(Frame(seq=0, image=np.zeros(5), t_acquired=0.0), Products())
     # A constant (here all-zero) window: skipped and counted as invalid, no exception.
     out: list[Any] = []
     for i in range(10):
-        out.extend(stage.process(Frame(seq=i, image=np.zeros((12, 12), np.uint16), t_acquired=0.0), {}))
+        out.extend(stage.process(Frame(seq=i, image=np.zeros((12, 12), np.uint16), t_acquired=0.0), Products()))
     assert [e.body.reason for e in out if e.topic == "musical_skipped"] == ["invalid"]
     assert stage.counters()["musical_windows_invalid"] == 1
     with pytest.raises(ValueError, match="differs"):
-        stage.process(Frame(seq=10, image=np.zeros((13, 12)), t_acquired=0.0), {})
+        stage.process(Frame(seq=10, image=np.zeros((13, 12)), t_acquired=0.0), Products())
     # A worker that raises: a failed, counted window.
     monkeypatch.setattr(mus, "_run_window_job", lambda job: (_ for _ in ()).throw(RuntimeError("boom")))
     stage2 = make_stage(window_frames=10, full_field_every_frames=10)
@@ -560,18 +555,18 @@ def test_stage_settings_and_track_limits() -> None:
     # Two tracks, one slot: the second is counted, not buffered; `ended` frees the slot.
     stage = make_stage(window_frames=10, max_tracks=1)
     image = np.random.default_rng(0).poisson(20, (80, 80)).astype(np.uint16)
-    two = FakeTrackUpdate(0, np.array([1, 2]), np.array([10.0, 30.0]), np.array([10.0, 30.0]))
-    stage.process(Frame(seq=0, image=image, t_acquired=0.0), {"track": two})
+    two = track_update(0, np.array([1, 2]), np.array([10.0, 30.0]), np.array([10.0, 30.0]))
+    stage.process(Frame(seq=0, image=image, t_acquired=0.0), Products(two))
     assert stage.counters()["musical_tracks_not_buffered"] == 1
-    end = FakeTrackUpdate(1, np.array([2]), np.array([30.0]), np.array([30.0]), ended=[1])
-    stage.process(Frame(seq=1, image=image, t_acquired=0.0), {"track": end})
+    end = track_update(1, np.array([2]), np.array([30.0]), np.array([30.0]), ended=[1])
+    stage.process(Frame(seq=1, image=image, t_acquired=0.0), Products(end))
     assert stage.counters()["musical_tracks_not_buffered"] == 1  # track 2 was refused once, not again
-    three = FakeTrackUpdate(2, np.array([3]), np.array([20.0]), np.array([20.0]))
-    stage.process(Frame(seq=2, image=image, t_acquired=0.0), {"track": three})
+    three = track_update(2, np.array([3]), np.array([20.0]), np.array([20.0]))
+    stage.process(Frame(seq=2, image=image, t_acquired=0.0), Products(three))
     assert 3 in stage._slot_of and stage.counters()["musical_tracks_not_buffered"] == 1
     # A track that jumps out of its capture box gets a new one.
-    jump = FakeTrackUpdate(3, np.array([3]), np.array([60.0]), np.array([60.0]))
-    stage.process(Frame(seq=3, image=image, t_acquired=0.0), {"track": jump})
+    jump = track_update(3, np.array([3]), np.array([60.0]), np.array([60.0]))
+    stage.process(Frame(seq=3, image=image, t_acquired=0.0), Products(jump))
     assert stage.counters()["musical_track_reanchors"] == 1
 
 
@@ -579,7 +574,7 @@ def test_plugin_registered_and_configurable() -> None:
     from scopestream.daemon._stage import installed_stage_plugins
 
     plugin = installed_stage_plugins()["musical"]
-    assert plugin is mus.PLUGIN and "track" not in plugin.requires
+    assert plugin is mus.PLUGIN and not plugin.consumes and TrackUpdate in plugin.consumes_if_present
     config = ScopestreamConfig.model_validate(
         {"stages": ["frame_stats", "musical"], "musical": {"threshold": "auto", "window_frames": 50}}
     )

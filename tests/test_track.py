@@ -10,6 +10,7 @@ import pytest
 
 from scopestream.daemon import Frame, installed_stage_plugins
 from scopestream.daemon._config import build_config
+from scopestream.daemon._products import Products
 from scopestream.plugins.localize import Localizations
 from scopestream.plugins.track import Tracker, TrackSettings, TrackStage, TrackUpdate, link
 
@@ -90,18 +91,18 @@ def test_settings_reject_impossible_values() -> None:
 
 def test_stage_events_and_teardown() -> None:
     plugin = installed_stage_plugins()["track"]
-    assert plugin.requires == ("localize",) and plugin.tables == {"track": "tracks.csv"}
+    assert plugin.consumes == (Localizations,) and plugin.produces == (TrackUpdate,) and plugin.tables == {"track": "tracks.csv"}
     cfg = build_config({"stages": ["localize", "track"]})
     stage = TrackStage(cfg, cfg.stage_settings("track"))  # type: ignore[arg-type]
     img = np.zeros((8, 8), np.uint16)
     for f in range(3):
         e = np.full(2, 0.05)
         locs = Localizations(f, np.array([5.0, 30.0]) + f * 0.2, np.array([5.0, 9.0]), e, e, e, e)
-        products: dict = {"localize": locs}
+        products = Products(locs)
         (em,) = stage.process(Frame(seq=f, image=img, t_acquired=0.0), products)
-        assert isinstance(products["track"], TrackUpdate)
+        assert isinstance(products.get(TrackUpdate), TrackUpdate)
     assert em.body.count == 2 and em.arrays["particle"].tolist() == [0, 1]  # type: ignore[attr-defined]
     (final,) = stage.teardown()
     assert final.body.ended == [0, 1]  # type: ignore[attr-defined]
-    with pytest.raises(ValueError, match="no localizations"):
-        stage.process(Frame(seq=9, image=img, t_acquired=0.0), {})
+    with pytest.raises(ValueError, match="'track' needs Localizations"):
+        stage.process(Frame(seq=9, image=img, t_acquired=0.0), Products())
