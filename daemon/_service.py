@@ -19,6 +19,7 @@ from scopestream.daemon._publish import (
 )
 from scopestream.daemon._runner import ExitStatus, Runner, RunnerStatus, new_run_id
 from scopestream.daemon._sources import FrameSource, make_source
+from scopestream.daemon._stage import Offload
 from scopestream.daemon._tables import TableSink
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ class Daemon:
         Write result tables (CSV) here, as ``analyze`` does.
     context
         ZeroMQ context (tests share one to use ``inproc://`` endpoints).
+    offload
+        The off-thread service the stages get in their ``RunContext``; default: jobs run on the
+        submitting thread and their results are published from the housekeeping tick.
     """
 
     def __init__(
@@ -50,6 +54,7 @@ class Daemon:
         serve_control: bool = True,
         results_dir: str | None = None,
         context: zmq.Context | None = None,
+        offload: Offload | None = None,
     ) -> None:
         self.config = config
         self.run_id = new_run_id()
@@ -78,7 +83,7 @@ class Daemon:
                 self.tables = TableSink(results_dir, tables)
                 # analyze: a slow writer slows the run down, nothing is lost; without it the run fails.
                 self.router.add_sink("tables", self.tables, TABLES_QUEUE_MESSAGES, "block", required=True)
-            self.runner = Runner(config, source or make_source(config), self.router, self.metrics)
+            self.runner = Runner(config, source or make_source(config), self.router, self.metrics, offload)
             if serve_control:
                 self._closables.append(ControlServer(config.control.endpoint, self.runner, self._ctx))
             if config.metrics.enabled:

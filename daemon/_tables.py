@@ -19,7 +19,11 @@ from scopestream.daemon._publish import Envelope
 
 
 class TableSink:
-    """Writes the mapped topics of a run to CSV files in ``out_dir``."""
+    """Writes the mapped topics of a run to CSV files in ``out_dir`` (a :class:`Sink`).
+
+    A file that cannot be written raises an OSError naming it; the sink's feed then reports the
+    failure, closes the sink, and ``analyze`` fails with that message.
+    """
 
     def __init__(self, out_dir: str | Path, tables: Mapping[str, str]) -> None:
         self.out_dir = Path(out_dir)
@@ -33,25 +37,39 @@ class TableSink:
         name = self._tables.get(envelope.topic)
         if name is None:
             return
-        rows = list(_rows(envelope))
-        if not rows:
-            return
-        writer = self._writers.get(name)
-        if writer is None:
-            fh = open(self.out_dir / name, "w", newline="")  # noqa: SIM115 - closed in close()
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]), extrasaction="ignore", restval="")
-            writer.writeheader()
-            self._files[name], self._writers[name] = fh, writer
-        writer.writerows(rows)
+        path = self.out_dir / name
+        try:
+            # Opened at the topic's first message, rows or not, so that a path that cannot be
+            # written fails the run while it runs.
+            fh = self._files.get(name)
+            if fh is None:
+                fh = self._files[name] = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+            rows = _rows(envelope)
+            if not rows:
+                return
+            writer = self._writers.get(name)
+            if writer is None:
+                writer = csv.DictWriter(fh, fieldnames=list(rows[0]), extrasaction="ignore", restval="")
+                writer.writeheader()
+                self._writers[name] = writer
+            writer.writerows(rows)
+        except OSError as exc:
+            raise OSError(f"cannot write the result table {str(path)!r}: {exc.strerror or exc}") from None
         self.rows_written[name] += len(rows)
 
     def close(self) -> None:
-        for fh in self._files.values():
+        files, self._files = self._files, {}
+        for name, fh in files.items():
+            if name not in self._writers:  # a table with no rows still has a header
+                fh.write("frame\n")
             fh.close()
         for name in self._tables.values():
             path = self.out_dir / name
             if not path.exists():  # a table with no rows still exists, so readers find it
-                path.write_text("frame\n")
+                try:
+                    path.write_text("frame\n")
+                except OSError as exc:
+                    raise OSError(f"cannot write the result table {str(path)!r}: {exc.strerror or exc}") from None
 
 
 def as_table(columns: Mapping[str, np.ndarray]) -> Any:

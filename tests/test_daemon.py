@@ -16,7 +16,14 @@ import pytest
 import tifffile
 from pydantic import BaseModel
 
-from scopestream.daemon import Emission, Frame, Products, RunContext, StagePlugin, register_stage_plugin
+from scopestream.daemon import (
+    Emission,
+    Frame,
+    Products,
+    RunContext,
+    StagePlugin,
+    register_stage_plugin,
+)
 from scopestream.daemon._config import ScopestreamConfig
 from scopestream.daemon._service import Daemon
 from scopestream.daemon.client import ControlClient, Subscriber
@@ -335,3 +342,27 @@ def test_a_taken_endpoint_is_refused_by_name(make_config: Callable[..., Scopestr
         Daemon(make_config(f"events.endpoint={first.events_endpoint}"))
     with pytest.raises(OSError, match=re.escape(f"cannot bind the control channel to {first.control_endpoint!r}")):
         Daemon(make_config(f"control.endpoint={first.control_endpoint}"))
+
+
+def test_a_run_ended_by_a_signal_reports_aborted(
+    tmp_path: Path, make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]
+) -> None:
+    """What the CLI's SIGINT/SIGTERM handler does: Daemon.stop(reason, "aborted"). A later plain
+    stop cannot turn it back into success; run_stop, the status and the counts agree."""
+    write_stack(tmp_path / "s.tif", 500)
+    config = make_config("source.kind=file", f"source.file_path={tmp_path / 's.tif'}", "source.replay_fps=100",
+                         "stages=[frame_stats]", "events.wait_for_subscriber_s=10")
+    daemon = Daemon(config)
+    daemons.append(daemon)
+    sub = start_with_subscriber(daemon, ["run_stop"])
+    time.sleep(0.3)
+    daemon.stop("SIGTERM received", "aborted")
+    daemon.stop("daemon closed")  # e.g. close() after the signal: the outcome stays aborted
+    msgs = drain(sub)
+    stop = msgs[-1].body
+    assert stop["exit_status"] == "aborted" and stop["reason"] == "SIGTERM received"
+    assert 0 < stop["frames_received"] < 500, "the signal ended the run before the file did"
+    assert stop["frames_received"] == stop["frames_processed"] + stop["frames_dropped"]
+    assert daemon.status().exit_status == "aborted"
+    with pytest.raises(ValueError, match="exit_status"):
+        daemon.stop("?", "maybe")  # type: ignore[arg-type]

@@ -10,8 +10,8 @@ import pytest
 
 from scopestream.daemon import Frame, installed_stage_plugins
 from scopestream.daemon._config import build_config
-from scopestream.plugins.diffusion import DiffusionStage, cve_variance, estimate_diffusion
 from scopestream.daemon._products import Products
+from scopestream.plugins.diffusion import DiffusionStage, cve_variance, estimate_diffusion
 from scopestream.plugins.track import TrackUpdate
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -8,7 +8,6 @@ import argparse
 import functools
 import json
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
