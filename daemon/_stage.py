@@ -54,6 +54,8 @@ class Emission:
     arrays
         Named numeric arrays sent as raw buffers after the body (their dtype and shape go in the
         header). For tables, use 1-D arrays of one length: one element per row.
+        They are encoded later, on the sinks' threads: do not modify them after returning them
+        (a stage that reuses buffers across frames must emit copies).
     frame_seq
         The frame this emission derives from (``Frame.seq``), or None.
     t_acquired
