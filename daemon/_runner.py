@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
@@ -52,6 +53,7 @@ from scopestream.daemon._messages import (
     StageErrorBody,
 )
 from scopestream.daemon._metrics import Metrics
+from scopestream.daemon._offload import Offload
 from scopestream.daemon._publish import EventRouter
 from scopestream.daemon._sources import FrameSource
 from scopestream.daemon._stage import Emission, Stage, build_stage
@@ -148,6 +150,14 @@ class Runner:
         self._stages: list[Stage] = [
             build_stage(self._plugins[name], config, config.stage_settings(name)) for name in config.stages
         ]
+        # The off-thread service (issue 10). Minimal hook until the engine's RunContext and
+        # setup(context) life cycle land: stages that have setup() get a context with `offload`.
+        self.offload = Offload.from_config(config.offload)
+        context = SimpleNamespace(offload=self.offload)
+        for stage in self._stages:
+            setup = getattr(stage, "setup", None)
+            if setup is not None:
+                setup(context)
         policy = config.bus.policy
         if policy == "auto":
             live = config.source.kind != "file" or config.source.replay_fps is not None
@@ -203,6 +213,7 @@ class Runner:
                 t_start=self._t_start,
             ),
         )
+        self.offload.start()
         self._set_state(RunnerState.RUNNING)
         for target, name in (
             (self._stage_loop, "scopestream-stages"),
@@ -401,6 +412,7 @@ class Runner:
         next_beat = time.monotonic()
         while not self._stopped.is_set():
             self._flush_drop_events()
+            self._emit(self.offload.poll())  # off-thread results, also while paused or idle
             if self._metrics is not None:
                 with self._lock:
                     stale = self._t_last_frame is not None and time.perf_counter() - self._t_last_frame > 2.0
@@ -461,6 +473,7 @@ class Runner:
                 self._emit(teardown())
             except Exception as exc:  # noqa: BLE001
                 log.error("stage %s failed at teardown: %s", stage.name, exc)
+        self._emit(self.offload.close())
         try:
             self._source.close()
         except Exception as exc:  # noqa: BLE001

@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -20,14 +22,19 @@ from scipy.special import erf, j1
 from scopestream.daemon._config import ScopestreamConfig
 from scopestream.daemon._errors import InputError
 from scopestream.daemon._frames import Frame
+from scopestream.daemon._offload import Offload, ProcessBackend, ThreadBackend
 from scopestream.plugins import _musical_core as core
 from scopestream.plugins import musical as mus
 from scopestream.plugins.musical import (
     MusicalSettings,
     MusicalStage,
+    TrackWindows,
     musical_image,
     musical_windows,
 )
+
+sys.path.insert(0, str(Path(__file__).parent))
+import offload_jobs  # noqa: E402
 
 PX_NM, LAMBDA_NM, NA = 65.0, 510.0, 1.49  # the published defaults: N_w = 7
 SIGMA_PX = 0.21 * LAMBDA_NM / NA / PX_NM  # Gaussian approximation of the Airy PSF
@@ -425,21 +432,47 @@ class FakeTrackUpdate:
     ended: list[int] = field(default_factory=list)
 
 
-def make_stage(**settings: Any) -> MusicalStage:
+def make_stage(offload: Offload | None = None, **settings: Any) -> MusicalStage:
+    """A stage set up with ``offload`` (default: one worker thread), as the runner sets it up."""
     config = ScopestreamConfig.model_validate(
         {"optics": {"pixel_size_nm": PX_NM, "wavelength_nm": LAMBDA_NM, "na": NA}}
     )
-    base: dict[str, Any] = {"workers": 0, "subpixels": 4}
+    base: dict[str, Any] = {"subpixels": 4}
     base.update(settings)
-    return MusicalStage(config, MusicalSettings(**base))
+    stage = MusicalStage(config, MusicalSettings(**base))
+    stage.setup(SimpleNamespace(offload=offload or Offload(ThreadBackend(1), max_in_flight_jobs=8)))
+    return stage
 
 
-def feed(stage: MusicalStage, movie: np.ndarray, tracks: list[Any] | None = None) -> list[Any]:
+def feed(stage: MusicalStage, movie: np.ndarray, tracks: list[Any] | None = None,
+         products_seen: list[dict[str, Any]] | None = None, poller: bool = False) -> list[Any]:
+    """Run the frames through the stage. Like the runner's housekeeping tick, the service is
+    polled: after each frame once its jobs finished (deterministic order), or from a poller
+    thread every 20 ms (``poller``); then closed (the run's end)."""
+    offload = stage._offload
+    assert offload is not None
     out: list[Any] = []
+    stop = threading.Event()
+
+    def poll_loop() -> None:
+        while not stop.wait(0.02):
+            out.extend(offload.poll())
+
+    thread = threading.Thread(target=poll_loop) if poller else None
+    if thread is not None:
+        thread.start()
     for i, frame_image in enumerate(movie):
         products: dict[str, Any] = {} if tracks is None else {"track": tracks[i]}
         out.extend(stage.process(Frame(seq=i, image=frame_image, t_acquired=float(i)), products))
-    out.extend(stage.teardown())
+        if products_seen is not None:
+            products_seen.append(products)
+        if thread is None:
+            assert offload.wait_idle(60)
+            out.extend(offload.poll())
+    if thread is not None:
+        stop.set()
+        thread.join()
+    out.extend(offload.close(60))
     return out
 
 
@@ -451,9 +484,23 @@ def test_stage_track_windows() -> None:
     tracks = [FakeTrackUpdate(i, np.array([7]), np.array([xs[i] + jitter[1, i]]), np.array([ys[i] + jitter[0, i]]),
                               started=[7] if i == 0 else []) for i in range(n)]
     stage = make_stage(window_frames=k, slide_frames=slide, threshold="auto")
-    emissions = feed(stage, movie, tracks)
+    seen: list[dict[str, Any]] = []
+    emissions = feed(stage, movie, tracks, products_seen=seen)
     images = [e for e in emissions if e.topic == "musical"]
     assert [(e.body.frame_start, e.body.frame_end) for e in images] == [(0, 39), (20, 59), (40, 79), (60, 99)]
+    # The windows are also a product for later stages (motion), in the frame that completes them.
+    products = [(i, p[mus.TRACK_WINDOWS_KEY]) for i, p in enumerate(seen) if mus.TRACK_WINDOWS_KEY in p]
+    assert [i for i, _ in products] == [39, 59, 79, 99]
+    for (i, tw), e in zip(products, images, strict=True):
+        assert isinstance(tw, TrackWindows) and len(tw) == 1 and tw.frame_seq == i
+        assert (tw.particle[0], tw.frame_start[0], tw.frame_end[0]) == (7, i - k + 1, i)
+        y0, x0 = tw.origin_px[0]
+        assert (y0, x0) == (e.body.y0_px, e.body.x0_px)
+        sel = slice(i - k + 1, i + 1)
+        assert tw.pixels.dtype == np.float32 and tw.pixels.shape == (1, k, 25, 25)
+        np.testing.assert_array_equal(tw.pixels[0], movie[sel, y0 : y0 + 25, x0 : x0 + 25])
+        np.testing.assert_array_equal(tw.positions[0, :, 0], xs[sel] + jitter[1, sel])  # x, then y
+        np.testing.assert_array_equal(tw.positions[0, :, 1], ys[sel] + jitter[0, sel])
     assert stage.counters()["musical_windows_done"] == 4 and stage.counters()["musical_windows_skipped"] == 0
     scale = float(movie[:k].max())  # the run's first window_frames frames, whole field
     for e in images:
@@ -497,33 +544,83 @@ def test_stage_skips_when_busy_and_teardown_flushes(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(mus, "_run_window_job", slow_job)
     movie = blinking_pair(100.0, seed=4, n_frames=48, size=12)[0]
-    stage = make_stage(window_frames=16, full_field_every_frames=16, workers=1, executor="thread",
+    offload = Offload(ThreadBackend(1), max_in_flight_jobs=8)
+    stage = make_stage(offload, window_frames=16, full_field_every_frames=16,
                        max_pending_windows=1, full_field_subpixels=2)
     emissions: list[Any] = []
     for i, im in enumerate(movie):
         emissions.extend(stage.process(Frame(seq=i, image=im, t_acquired=0.0), {}))
-    # Window 1 is blocked in the worker; windows 2 and 3 found the pool full.
+        emissions.extend(offload.poll())  # the housekeeping tick: nothing has finished
+    # Window 1 is blocked in the worker; windows 2 and 3 found the stage's one slot taken.
     skipped = [e for e in emissions if e.topic == "musical_skipped"]
     assert [(e.body.frame_start, e.body.reason) for e in skipped] == [(16, "busy"), (32, "busy")]
     assert skipped[-1].body.windows_skipped_total == 2
+    assert not [e for e in emissions if e.topic == "musical"]
+    assert offload.counters("musical") == {**offload.counters("musical"), "submitted": 3, "accepted": 1,
+                                            "skipped_busy": 2, "in_flight": 1}
     release.set()
-    final = stage.teardown()
+    final = offload.close(30)  # the run's end: the image in flight is waited for and published
     assert [e.body.frame_start for e in final if e.topic == "musical"] == [0]
-    assert stage.counters()["musical_windows_done"] == 1 and stage.counters()["musical_windows_skipped"] == 2
+    counts = stage.counters()
+    assert counts["musical_windows_done"] == 1 and counts["musical_windows_skipped"] == 2
+    assert counts["musical_windows_busy"] == 2
 
 
-def test_stage_process_pool_matches_inline() -> None:
+def test_stage_images_arrive_from_the_housekeeping_tick_without_new_frames() -> None:
+    """An image is published by the service's poll (the runner's housekeeping tick), not by a
+    later frame: after the last frame, polling alone delivers it."""
+    movie = blinking_pair(100.0, seed=8, n_frames=20, size=12)[0]
+    offload = Offload(ThreadBackend(1))
+    stage = make_stage(offload, window_frames=20, full_field_every_frames=20, full_field_subpixels=2)
+    from_frames = []
+    for i, im in enumerate(movie):
+        from_frames.extend(stage.process(Frame(seq=i, image=im, t_acquired=0.0), {}))
+    assert from_frames == []  # the window was submitted; process returns nothing more
+    assert offload.wait_idle(60)
+    polled = offload.poll()
+    assert [(e.topic, e.body.frame_start, e.body.frame_end) for e in polled] == [("musical", 0, 19)]
+    assert offload.close(1) == []
+
+
+def test_stage_process_pool_matches_thread_pool() -> None:
+    """The default backend (spawned processes) and threads give the same images; with
+    skip_when_busy=False nothing is skipped (submissions wait while a poller frees room)."""
     movie = blinking_pair(100.0, seed=5, n_frames=60, size=12)[0]
     settings = {"window_frames": 20, "full_field_every_frames": 20, "full_field_subpixels": 2}
-    inline = [e for e in feed(make_stage(**settings), movie) if e.topic == "musical"]
-    pooled_stage = make_stage(workers=2, executor="process", max_pending_windows=8,
-                              skip_when_busy=False, **settings)
-    pooled = [e for e in feed(pooled_stage, movie) if e.topic == "musical"]
-    assert sorted(e.body.frame_start for e in pooled) == [0, 20, 40]
-    by_start = {e.body.frame_start: e.arrays["image"] for e in pooled}
-    for e in inline:
-        np.testing.assert_allclose(by_start[e.body.frame_start], e.arrays["image"], rtol=1e-6)
+    threaded = [e for e in feed(make_stage(**settings), movie) if e.topic == "musical"]
+    pooled_stage = make_stage(Offload(ProcessBackend(2), max_in_flight_jobs=1), skip_when_busy=False, **settings)
+    pooled = feed(pooled_stage, movie, poller=True)
+    assert not [e for e in pooled if e.topic == "musical_skipped"]
+    by_start = {e.body.frame_start: e.arrays["image"] for e in pooled if e.topic == "musical"}
+    assert sorted(by_start) == [0, 20, 40]
+    for e in threaded:
+        np.testing.assert_array_equal(by_start[e.body.frame_start], e.arrays["image"])  # same code, same BLAS
     assert pooled_stage.counters()["musical_windows_done"] == 3
+
+
+def test_stage_window_whose_worker_dies_is_counted_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    movie = blinking_pair(100.0, seed=9, n_frames=20, size=12)[0]
+    offload = Offload(ProcessBackend(1))
+    stage = make_stage(offload, window_frames=10, full_field_every_frames=10, full_field_subpixels=2)
+    out: list[Any] = []
+    # The one worker dies (a crash, the OOM killer) while the first window waits behind its job:
+    # a dead worker breaks the whole process pool, so every job the pool held is lost.
+    reasons: list[str] = []
+    assert offload.submit("test", offload_jobs.kill_own_process, 1.0, on_done=lambda r: [],
+                          on_fail=lambda r, d: reasons.append(r) or [])
+    for i, im in enumerate(movie[:10]):
+        out.extend(stage.process(Frame(seq=i, image=im, t_acquired=0.0), {}))
+    assert offload.in_flight() == 2
+    assert offload.wait_idle(60)
+    out.extend(offload.poll())
+    assert reasons == ["lost"]
+    # The pool was rebuilt: the run goes on and the second window is computed.
+    for i, im in enumerate(movie[10:], start=10):
+        out.extend(stage.process(Frame(seq=i, image=im, t_acquired=0.0), {}))
+    out.extend(offload.close(60))
+    musical = [(e.topic, e.body.frame_start, getattr(e.body, "reason", None)) for e in out]
+    assert musical == [("musical_skipped", 0, "lost"), ("musical", 10, None)]
+    assert stage.counters()["musical_windows_lost"] == 1 and stage.counters()["musical_windows_done"] == 1
 
 
 def test_stage_bad_input_never_crashes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -541,13 +638,19 @@ def test_stage_bad_input_never_crashes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert stage.counters()["musical_windows_invalid"] == 1
     with pytest.raises(ValueError, match="differs"):
         stage.process(Frame(seq=10, image=np.zeros((13, 12)), t_acquired=0.0), {})
-    # A worker that raises: a failed, counted window.
+    # A job that raises: a failed, counted window.
     monkeypatch.setattr(mus, "_run_window_job", lambda job: (_ for _ in ()).throw(RuntimeError("boom")))
     stage2 = make_stage(window_frames=10, full_field_every_frames=10)
     movie = blinking_pair(100.0, seed=6, n_frames=10, size=12)[0]
     failed = [e for e in feed(stage2, movie) if e.topic == "musical_skipped"]
     assert failed[0].body.reason == "failed" and "boom" in failed[0].body.detail
     assert stage2.counters()["musical_windows_failed"] == 1
+    # A stage that was never set up says so.
+    config = ScopestreamConfig.model_validate({})
+    bare = MusicalStage(config, MusicalSettings(window_frames=10, full_field_every_frames=10, subpixels=2))
+    with pytest.raises(RuntimeError, match="setup"):
+        for i, im in enumerate(movie):
+            bare.process(Frame(seq=i, image=im, t_acquired=0.0), {})
 
 
 def test_stage_settings_and_track_limits() -> None:
