@@ -325,11 +325,8 @@ class DaskBackend:
 
     def is_lost(self, exc: BaseException) -> bool:
         from distributed import KilledWorker
+        from distributed.comm import CommClosedError
 
-        try:
-            from distributed.comm.core import CommClosedError
-        except ImportError:  # pragma: no cover - moved in some version
-            CommClosedError = OSError  # noqa: N806
         return isinstance(exc, KilledWorker | CommClosedError | cf.CancelledError)
 
     def recover(self) -> None:
@@ -440,6 +437,7 @@ class Offload:
             for job in left:
                 job.future.cancel()
                 self._count(job.owner, "cancelled")
+                self._count(job.owner, "in_flight", -1)
             self._cond.notify_all()
         for job in left:
             emissions.extend(self._call(job, job.on_fail, "teardown",

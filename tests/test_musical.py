@@ -417,6 +417,99 @@ def test_auto_threshold_finds_the_shoulder() -> None:
     assert np.mean(above == 3) >= 0.9
 
 
+# -- border rule and caches ----------------------------------------------------------------------
+
+
+def oracle_musical_partial(stack: np.ndarray, sub: int, threshold: float, alpha: float = 4.0) -> np.ndarray:
+    """The MATLAB-derived ports' border rule (napari-superres ``function_MUSIC_scan_parallel``),
+    one pixel at a time: a window centred on every pixel, cut to the pixels inside the image (its
+    rows of D, w and G), its test-point patch added where it falls inside the image, averaged.
+    Their display step (crop (N_w − 1)/2 px, percentile clipping) is left out."""
+    k, h, w = stack.shape
+    x = stack / stack.max()
+    n_w = 1 + 2 * int(np.floor(0.61 * LAMBDA_NM / (NA * PX_NM)))
+    half, c, var = n_w // 2, (n_w - 1) / 2, n_w // 2
+    weight = np.array([np.exp(-((a - c) ** 2 + (b - c) ** 2) / (2 * var)) for a in range(n_w) for b in range(n_w)])
+    g = oracle_psf_matrix(n_w, sub) * weight[:, None]
+    canvas = np.zeros(((h + 2 * half) * sub, (w + 2 * half) * sub))
+    count = np.zeros_like(canvas)
+    for r in range(h):
+        for cc in range(w):
+            rows = [a for a in range(n_w) if 0 <= r + a - half < h]
+            cols = [b for b in range(n_w) if 0 <= cc + b - half < w]
+            keep = [a * n_w + b for a in rows for b in cols]
+            patch = x[:, r + rows[0] - half : r + rows[-1] - half + 1, cc + cols[0] - half : cc + cols[-1] - half + 1]
+            d = weight[keep, None] * patch.reshape(k, -1).T
+            u, s, _ = np.linalg.svd(d, full_matrices=True)
+            n_sv = min(len(keep), k)
+            above = int(np.sum(s >= 10.0**threshold))
+            m = above + 1
+            if above == n_sv or m >= n_sv:
+                m = n_sv - 3
+            gk = g[keep]
+            f = (np.linalg.norm(u[:, :m].T @ gk, axis=0) / np.linalg.norm(u[:, m:].T @ gk, axis=0)) ** alpha
+            canvas[r * sub : (r + n_w) * sub, cc * sub : (cc + n_w) * sub] += f.reshape(n_w * sub, n_w * sub)
+            count[r * sub : (r + n_w) * sub, cc * sub : (cc + n_w) * sub] += 1
+    crop = (slice(half * sub, (half + h) * sub), slice(half * sub, (half + w) * sub))
+    return canvas[crop] / count[crop]
+
+
+@pytest.mark.parametrize(
+    ("size", "threshold", "tolerance"),
+    [
+        ((11, 12), -1.0, 1e-10),  # float64 throughout, eigh of Gram matrices vs SVD: ~1e-12
+        # -6: the degenerate rule of step 5 (M = n − 3, n the cut window's own size). The 3-vector
+        # noise subspace then comes from the smallest eigenvalues of D Dᵀ, whose condition number
+        # is the square of D's: the whole-window kernel itself agrees with the loop to ~2e-8 here,
+        # and a 4×4 corner window (16 pixels) to ~1.4e-7.
+        ((9, 8), -6.0, 1e-6),
+    ],
+)
+def test_partial_windows_follow_the_ports_border_rule(size: tuple[int, int], threshold: float,
+                                                      tolerance: float) -> None:
+    """``edge="partial_windows"`` against the per-pixel oracle of the ports' rule, every pixel
+    (border included)."""
+    rng = np.random.default_rng(21)
+    stack, _ = blinking_pair(100.0, seed=21, n_frames=60, size=max(size))
+    stack = stack[:, : size[0], : size[1]] + rng.poisson(1.0, (60, *size))
+    ours = musical_image(stack, subpixels=2, threshold=threshold, edge="partial_windows").image
+    ref = oracle_musical_partial(stack, 2, threshold)
+    assert ours.shape == ref.shape == (size[0] * 2, size[1] * 2)
+    assert np.max(np.abs(ours - ref) / np.abs(ref)) < tolerance
+
+
+def test_edge_rules_agree_inside_the_image() -> None:
+    """Pixels at least N_w − 1 px from the edge are touched only by whole windows: both rules
+    give the same values there (to float64 rounding), and differ nearer the edge."""
+    stack, _ = blinking_pair(120.0, seed=22, n_frames=50, size=18)
+    full = musical_image(stack, subpixels=3, threshold=-1.0).image
+    partial = musical_image(stack, subpixels=3, threshold=-1.0, edge="partial_windows").image
+    n_w, sub = 7, 3
+    inside = (slice((n_w - 1) * sub, (18 - n_w + 1) * sub),) * 2
+    assert np.max(np.abs(full[inside] - partial[inside]) / full[inside]) < 1e-12
+    assert np.max(np.abs(full - partial) / full) > 1e-3  # the border is where the rules differ
+    with pytest.raises(ValueError, match="edge"):
+        musical_image(stack, subpixels=2, edge="padded")  # type: ignore[arg-type]
+
+
+def test_torch_cache_never_returns_a_stale_tensor() -> None:
+    """Geometries made and dropped one after another (CPython reuses a freed object's address,
+    so ``id`` repeats): each gets the tensor of its own G, never an earlier geometry's."""
+    torch = pytest.importorskip("torch")
+    make = core.musical_geometry.__wrapped__  # uncached: every call a new object
+    ids = set()
+    for i in range(40):
+        geom = make(LAMBDA_NM + 7.0 * i, NA, PX_NM, 1 + i % 3)
+        ids.add(id(geom))
+        for rotated in (False, True):
+            g = core._torch_psf_matrix(geom, torch.float64, torch.device("cpu"), rotated)
+            expected = geom.psf_basis.T @ geom.psf_matrix if rotated else geom.psf_matrix
+            assert g.shape == expected.shape
+            np.testing.assert_allclose(g.numpy(), expected, rtol=0, atol=1e-15)
+        del geom, g
+    assert len(ids) < 40  # the ids did repeat: the case that returned stale tensors before
+
+
 # -- the live stage ------------------------------------------------------------------------------
 
 
