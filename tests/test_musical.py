@@ -848,6 +848,13 @@ def test_cli_writes_one_page_per_window(tmp_path: Path) -> None:
     # No windowing: one image.
     assert _run_cli(["musical", str(src), "--out", str(out), "--subpixels", "2"]) == 0
     assert tifffile.imread(out).shape == (24, 24)
+    # The ports' border rule, same image size.
+    assert _run_cli(["musical", str(src), "--out", str(out), "--subpixels", "2", "--edge", "partial_windows"]) == 0
+    with tifffile.TiffFile(out) as tif:
+        assert json.loads(tif.pages[0].description)["edge"] == "partial_windows"
+        image = tif.asarray()
+    ref_partial = musical_image(stack, subpixels=2, edge="partial_windows").image
+    np.testing.assert_allclose(image, ref_partial.astype(np.float32), rtol=1e-6)
 
 
 def test_cli_bad_input(tmp_path: Path) -> None:
