@@ -176,6 +176,11 @@ class ProcessBackend:
         self._lock = threading.Lock()
 
     def start(self) -> None:
+        # Nothing until the first job: the pool's queues start multiprocessing's resource tracker
+        # (a process), which a run without slow stages should not pay for.
+        return None
+
+    def _ensure_pool(self) -> None:
         with self._lock:
             if self._pool is None:
                 import multiprocessing
@@ -188,7 +193,7 @@ class ProcessBackend:
                 )
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> cf.Future[Any]:
-        self.start()
+        self._ensure_pool()
         assert self._pool is not None
         try:
             return self._pool.submit(fn, *args)
