@@ -372,3 +372,47 @@ def test_kill_9_of_the_daemon_leaves_no_child_process(tmp_path: Path) -> None:
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait(10)
+
+
+# -- the runner publishes off-thread results from its housekeeping tick ---------------------------
+
+
+def test_musical_image_is_published_while_the_run_is_paused(
+    tmp_path: Path, make_config: Any, daemons: list[Any]
+) -> None:
+    """A real daemon: a full-field MUSICAL window is submitted, the run is paused (no frame reaches
+    the stages any more), and the image is still published: from the housekeeping tick."""
+    from scopestream.client import Subscriber
+    from scopestream.daemon._service import Daemon
+
+    rng = np.random.default_rng(1)
+    tifffile.imwrite(tmp_path / "s.tif", rng.poisson(200.0, (400, 32, 32)).astype(np.uint16))
+    config = make_config(
+        "source.kind=file", f"source.file_path={tmp_path / 's.tif'}", "source.replay_fps=50",
+        "stages=[musical]", "musical.window_frames=20", "musical.full_field_every_frames=200",
+        "musical.full_field_subpixels=12", "offload.backend=threads", "events.wait_for_subscriber_s=10",
+    )
+    daemon = Daemon(config)
+    daemons.append(daemon)
+    assert daemon.events_endpoint is not None
+    sub = Subscriber(daemon.events_endpoint, ["musical", "musical_skipped", "run_stop"])
+    starter = threading.Thread(target=daemon.start)
+    starter.start()
+    assert sub.wait_ready(10)
+    starter.join(10)
+    runner = daemon.runner
+    deadline = time.monotonic() + 20
+    while runner.offload.counters("musical")["accepted"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    runner.pause()  # the window (frames 0-19, ~1 s of work at sub 12) is still being computed
+    assert runner.offload.in_flight("musical") == 1
+    time.sleep(0.3)  # the bus drains; from here on no frame reaches the stages
+    processed = runner.status().frames_processed
+    msg = sub.recv(30)
+    assert msg is not None and msg.topic == "musical"
+    assert (msg.body["frame_start"], msg.body["frame_end"]) == (0, 19)
+    assert msg.arrays["image"].shape == (32 * 12, 32 * 12)
+    status = runner.status()
+    assert status.state.value == "paused" and status.frames_processed == processed
+    daemon.stop()
+    assert daemon.wait(30)
