@@ -33,6 +33,7 @@ from multiprocessing import get_context  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.special import erf  # noqa: E402
 
+from scopestream.daemon._offload import limit_blas_threads  # noqa: E402
 from scopestream.plugins import _musical_core as core  # noqa: E402
 from scopestream.plugins import musical as mus  # noqa: E402
 
@@ -184,7 +185,7 @@ def main() -> None:
         t0 = time.perf_counter()
         list(ex.map(mus._run_window_job, jobs))
         t_thread = time.perf_counter() - t0
-    with ProcessPoolExecutor(2, mp_context=get_context("spawn"), initializer=mus.limit_blas_threads) as ex:
+    with ProcessPoolExecutor(2, mp_context=get_context("spawn"), initializer=limit_blas_threads) as ex:
         list(ex.map(mus._run_window_job, jobs[:2]))  # start-up and G outside the timing
         t0 = time.perf_counter()
         list(ex.map(mus._run_window_job, jobs))

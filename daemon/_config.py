@@ -115,6 +115,29 @@ class MetricsConfig(_Section):
     enabled: bool = Field(True, description="Serve metrics over HTTP.")
 
 
+class OffloadConfig(_Section):
+    """The engine's off-thread service for slow stages (MUSICAL windows, networks)."""
+
+    backend: Literal["processes", "threads", "dask"] = Field(
+        "processes", description="Where slow jobs run: spawned worker processes, threads of the daemon, or a Dask distributed cluster.",
+    )
+    scheduler_address: str | None = Field(
+        None, description="Dask scheduler to send jobs to (backend 'dask'), e.g. 'tcp://10.0.0.5:8786'; None: start a LocalCluster of `workers` single-threaded worker processes for the run.",
+    )
+    workers: int = Field(1, ge=1, le=256, description="Worker processes or threads (and LocalCluster workers for 'dask' without a scheduler_address).")
+    max_in_flight_jobs: int = Field(4, ge=1, le=4096, description="Jobs submitted and not yet delivered, at most, over all stages; beyond it a job is skipped and counted.")
+    teardown_timeout_s: float = Field(120.0, gt=0, le=3600, description="At the end of a run, wait at most this long for jobs in flight, s.")
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> OffloadConfig:
+        if self.scheduler_address is not None and self.backend != "dask":
+            raise ValueError(
+                f"offload.scheduler_address is set ({self.scheduler_address!r}) but offload.backend is "
+                f"{self.backend!r}; the address is used only with backend 'dask'"
+            )
+        return self
+
+
 class SimulationConfig(BaseModel):
     """Simulated-camera scene and camera parameters; validated by :mod:`scopestream.sim_camera`."""
 
@@ -136,6 +159,7 @@ class ScopestreamConfig(BaseModel):
     events: EventsConfig = Field(default_factory=EventsConfig, description="Event stream (ZeroMQ PUB).")
     control: ControlConfig = Field(default_factory=ControlConfig, description="Control channel (ZeroMQ REP).")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics.")
+    offload: OffloadConfig = Field(default_factory=OffloadConfig, description="Off-thread service for slow stages.")
     simulation: dict[str, Any] = Field(
         default_factory=dict, description="Simulated camera parameters (see scopestream.sim_camera)."
     )

@@ -12,10 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any
 
 from pydantic import BaseModel
 
@@ -231,57 +229,3 @@ class Pipeline:
             if totals:
                 out[stage.name] = totals
         return out
-
-
-class InlineOffload:
-    """The off-thread service's interface, run on the submitting thread.
-
-    A stand-in until the engine's pool service is wired in: ``fn`` runs at once, and its result
-    waits for the housekeeping tick (``poll``), where ``on_done`` / ``on_fail`` run, as they would
-    with a real pool. Never busy.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._finished: list[Callable[[], Sequence[Emission]]] = []
-        self._counts: dict[str, dict[str, int]] = {}
-
-    def submit(
-        self,
-        owner: str,
-        fn: Callable[..., Any],
-        *args: Any,
-        on_done: Callable[[Any], Sequence[Emission]],
-        on_fail: Callable[[BaseException], Sequence[Emission]],
-    ) -> bool:
-        callback: Callable[[], Sequence[Emission]]
-        try:
-            result = fn(*args)
-        except Exception as exc:  # noqa: BLE001 - handed to on_fail, as a pool would
-            outcome, callback = "failed", partial(on_fail, exc)
-        else:
-            outcome, callback = "done", partial(on_done, result)
-        with self._lock:
-            counts = self._counts.setdefault(owner, {"submitted": 0, "done": 0, "failed": 0, "busy": 0})
-            counts["submitted"] += 1
-            counts[outcome] += 1
-            self._finished.append(callback)
-        return True
-
-    def poll(self) -> list[Emission]:
-        with self._lock:
-            finished, self._finished = self._finished, []
-        out: list[Emission] = []
-        for callback in finished:
-            try:
-                out.extend(callback())
-            except Exception:  # noqa: BLE001 - a callback bug loses its own result only
-                log.exception("an off-thread result callback failed")
-        return out
-
-    def counters(self, owner: str) -> Mapping[str, int]:
-        with self._lock:
-            return dict(self._counts.get(owner, {}))
-
-    def close(self, timeout_s: float) -> None:
-        """Nothing runs in the background; finished results stay for a last ``poll``."""

@@ -58,7 +58,8 @@ from scopestream.daemon._messages import (
     SourceDescription,
 )
 from scopestream.daemon._metrics import Metrics
-from scopestream.daemon._pipeline import InlineOffload, Pipeline
+from scopestream.daemon._offload import Offload as OffloadService
+from scopestream.daemon._pipeline import Pipeline
 from scopestream.daemon._publish import EventRouter
 from scopestream.daemon._sources import FrameSource
 from scopestream.daemon._stage import Offload, RunContext
@@ -77,7 +78,6 @@ are coalesced into the next event."""
 SETTINGS_WAIT_S = 5.0
 """How long ``change_setting`` waits for the stage thread to apply a stage setting."""
 
-OFFLOAD_CLOSE_TIMEOUT_S = 30.0
 SINK_DRAIN_TIMEOUT_S = 60.0
 
 
@@ -157,7 +157,7 @@ class Runner:
         self._plugins = stage_plugins()
         self.accounting = Accounting()
         self.pipeline = Pipeline(config, self._plugins, router, self.accounting, metrics)
-        self._offload: Offload = offload if offload is not None else InlineOffload()
+        self._offload: Offload = offload if offload is not None else OffloadService.from_config(config.offload)
         policy = config.bus.policy
         if policy == "auto":
             live = config.source.kind != "file" or config.source.replay_fps is not None
@@ -184,6 +184,11 @@ class Runner:
             metrics.set_state(self._state.value, [s.value for s in RunnerState])
 
     # -- public control ------------------------------------------------------------------
+    @property
+    def offload(self) -> Offload:
+        """The run's off-thread service."""
+        return self._offload
+
     @property
     def state(self) -> RunnerState:
         return self._state
@@ -469,10 +474,13 @@ class Runner:
         self._source_done.set()
         self._threads[0].join()  # the stage loop drains the bus
         self.pipeline.teardown()
-        try:
-            self._offload.close(OFFLOAD_CLOSE_TIMEOUT_S)
+        try:  # waits at most offload.teardown_timeout_s; what is left is reported as skipped
+            closing = self._offload.close(self.config.offload.teardown_timeout_s)
         except Exception:  # noqa: BLE001
             log.exception("closing the off-thread service failed")
+            closing = []
+        if closing:
+            self.pipeline.publish("offload", closing)
         self._housekeeping_done.set()
         self._threads[1].join()
         self._publish_offloaded()  # what finished in the meantime

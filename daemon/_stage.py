@@ -74,7 +74,7 @@ class Offload(Protocol):
 
     ``fn`` must be a picklable module-level function (a backend may run it in another process or
     on a Dask cluster); ``args`` must be picklable too. ``on_done(result)`` and
-    ``on_fail(exc)`` run on the engine's housekeeping thread when :meth:`poll` finds the job
+    ``on_fail(reason, detail)`` run on the engine's housekeeping thread when :meth:`poll` finds the job
     finished, never on the stage thread: keep them free of stage state, or lock it. Their
     emissions are published by the engine.
     """
@@ -85,7 +85,7 @@ class Offload(Protocol):
         fn: Callable[..., R],
         *args: Any,
         on_done: Callable[[R], Sequence[Emission]],
-        on_fail: Callable[[BaseException], Sequence[Emission]],
+        on_fail: Callable[[str, str], Sequence[Emission]],
     ) -> bool:
         """Start ``fn(*args)`` for stage ``owner``; False when busy (nothing started: the stage
         counts the skip and publishes its own skip event)."""
@@ -99,8 +99,9 @@ class Offload(Protocol):
         """Running totals for stage ``owner`` (submitted, done, failed, busy, in flight)."""
         ...
 
-    def close(self, timeout_s: float) -> None:
-        """Wait up to ``timeout_s`` for jobs in flight (their callbacks run), then stop the workers."""
+    def close(self, timeout_s: float | None = None) -> list[Emission]:
+        """Wait up to ``timeout_s`` for jobs in flight, deliver them, report the rest through
+        ``on_fail("teardown", ...)``, stop the workers; returns those callbacks' emissions."""
         ...
 
 

@@ -6,8 +6,10 @@ Batch use::
     result = musical_image(stack, wavelength_nm=510, na=1.49, pixel_size_nm=65)   # whole stack
     results = musical_windows(stack, window_frames=200, slide_frames=50, ...)     # sliding windows
 
-The algorithm is the one in ``SCIENCE.md`` (the public implementations), computed by the
-vectorized kernel in :mod:`scopestream.plugins._musical_core`. The stack is divided by one fixed
+The algorithm is the one in ``SCIENCE.md``, computed by the vectorized kernel in
+:mod:`scopestream.plugins._musical_core`. At the image border it follows MusiJ by default (only
+windows wholly inside the image); ``edge="partial_windows"`` follows the MATLAB implementation and
+its ports (napari-superres), which also average the windows cut at the edge. The stack is divided by one fixed
 scale (by default its global maximum, as the published implementations do) before anything else:
 the threshold is absolute, so every sliding window of one stack must see the same normalization.
 
@@ -25,31 +27,25 @@ The live stage is :class:`MusicalStage`; see its docstring.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
+import functools
 import math
-import os
-import signal
-import sys
+import threading
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
-from multiprocessing import get_context
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from scopestream.daemon._config import ScopestreamConfig
 from scopestream.daemon._frames import Frame
-from scopestream.daemon._products import Products, TrackUpdate
+from scopestream.daemon._products import Products, TrackUpdate, TrackWindow, TrackWindows
 from scopestream.daemon._stage import Emission, RunContext, StagePlugin
 from scopestream.plugins._musical_core import (
     MIN_WINDOW_FRAMES,
     Backend,
+    EdgeRule,
     ProjectionDtype,
     auto_threshold,
     musical_canvas,
@@ -58,6 +54,9 @@ from scopestream.plugins._musical_core import (
     validate_stack,
     window_size_px,
 )
+
+if TYPE_CHECKING:
+    from scopestream.daemon._offload import Offload
 
 __all__ = [
     "MIN_WINDOW_FRAMES",
@@ -174,6 +173,7 @@ def musical_image(
     backend: Backend = "numpy",
     device: str = "cpu",
     dtype: ProjectionDtype = "float64",
+    edge: EdgeRule = "full_windows",
 ) -> MusicalResult:
     """MUSICAL image of a whole stack (one window of all its frames).
 
@@ -201,6 +201,12 @@ def musical_image(
         speed depends on the data: as float64 on dense data (a fifth of the points recomputed),
         up to ~20 % faster on sparse emitters. See
         :func:`scopestream.plugins._musical_core.indicator_numpy`.
+    edge
+        Border rule. ``"full_windows"``: only windows wholly inside the image (as MusiJ).
+        ``"partial_windows"``: also the windows cut at the image edge, averaged in (as the MATLAB
+        implementation and its ports such as napari-superres; they then crop ``(N_w − 1)/2`` px
+        for display, which is not done here). Pixels ``≥ N_w − 1`` px from the edge are the same
+        under both rules. See :mod:`scopestream.plugins._musical_core`.
 
     Raises
     ------
@@ -216,7 +222,8 @@ def musical_image(
         raise ValueError(f"scale must be positive, got {scale}")
     normalized = arr.astype(np.float64) / used_scale
     thr = resolve_threshold(threshold, normalized, wavelength_nm, na, pixel_size_nm)
-    image = musical_canvas(normalized, geometry, thr, alpha, backend=backend, device=device, dtype=dtype)
+    image = musical_canvas(normalized, geometry, thr, alpha, backend=backend, device=device, dtype=dtype,
+                           edge=edge)
     return MusicalResult(image, 0, arr.shape[0] - 1, thr, used_scale, geometry.window_px, geometry.subpixels)
 
 
@@ -234,6 +241,7 @@ def musical_windows(
     backend: Backend = "numpy",
     device: str = "cpu",
     dtype: ProjectionDtype = "float64",
+    edge: EdgeRule = "full_windows",
 ) -> list[MusicalResult]:
     """MUSICAL images of sliding time windows of one stack, with one fixed normalization.
 
@@ -249,7 +257,7 @@ def musical_windows(
         Frames per window (``K``); None: one window of the whole stack.
     slide_frames
         Step between window starts; None: ``window_frames`` (windows side by side).
-    wavelength_nm, na, pixel_size_nm, subpixels, threshold, alpha, backend, device, dtype
+    wavelength_nm, na, pixel_size_nm, subpixels, threshold, alpha, backend, device, dtype, edge
         As in :func:`musical_image`.
     """
     arr = _check_batch_stack(stack)
@@ -273,7 +281,8 @@ def musical_windows(
         window = arr[start : start + k].astype(np.float64) / scale
         if float(np.ptp(window)) == 0.0:
             raise ValueError(f"frames {start}–{start + k - 1} are constant: MUSICAL needs fluctuations")
-        image = musical_canvas(window, geometry, thr, alpha, backend=backend, device=device, dtype=dtype)
+        image = musical_canvas(window, geometry, thr, alpha, backend=backend, device=device, dtype=dtype,
+                               edge=edge)
         results.append(MusicalResult(image, start, start + k - 1, thr, scale, geometry.window_px, geometry.subpixels))
     return results
 
@@ -312,16 +321,14 @@ class MusicalSettings(BaseModel):
         0, ge=0, description="Start a MUSICAL window of the whole field every this many frames (0: off). Must be 0 or ≥ window_frames.",
     )
     full_field_subpixels: int = Field(4, ge=1, le=64, description="Sub-pixels per pixel of the full-field image (its cost grows with the square).")
-    workers: int = Field(1, ge=0, le=64, description="Worker processes (or threads); 0 runs each window inline in process() (tests, strict replay).")
-    executor: Literal["process", "thread"] = Field(
-        "process", description="Worker kind: 'process' (spawned, BLAS limited to 1 thread each) or 'thread' (limits the daemon's BLAS to 1 thread).",
-    )
-    max_pending_windows: int = Field(4, ge=1, le=1024, description="Windows submitted and not yet finished, at most; beyond it windows are skipped (or waited for).")
-    skip_when_busy: bool = Field(True, description="True: skip and count a window when max_pending_windows are in flight (live). False: wait (replay; nothing lost).")
+    max_pending_windows: int = Field(4, ge=1, le=1024, description="This stage's windows in the off-thread service (offload.*) and not yet published, at most; beyond it (or offload.max_in_flight_jobs) windows are skipped (or waited for).")
+    skip_when_busy: bool = Field(True, description="True: skip and count a window when the off-thread service is busy (live). False: wait (replay; nothing lost).")
     max_tracks: int = Field(32, ge=0, le=4096, description="Tracks buffered at once; later tracks get no MUSICAL until a slot frees (counted).")
     backend: Literal["numpy", "torch"] = Field("numpy", description="Kernel backend for the projections.")
     device: str = Field("cpu", description="Torch device for backend 'torch' ('cpu', 'cuda', 'cuda:1').")
-    teardown_timeout_s: float = Field(120.0, gt=0, description="At the end of a run, wait at most this long for windows in flight.")
+    edge: EdgeRule = Field(
+        "full_windows", description="Border rule: 'full_windows' (windows wholly inside the region, as MusiJ) or 'partial_windows' (also the windows cut at the region's edge, as the MATLAB-derived ports; same values inside).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> MusicalSettings:
@@ -375,8 +382,8 @@ class MusicalSkippedBody(BaseModel):
     kind: Literal["track", "full_field"] = Field(description="What the region follows.")
     frame_start: int = Field(description="First frame of the window.")
     frame_end: int = Field(description="Last frame of the window, inclusive.")
-    reason: Literal["busy", "invalid", "failed", "teardown"] = Field(
-        description="busy: max_pending_windows in flight; invalid: data unusable (constant region, region smaller than the PSF window); failed: the computation raised; teardown: still pending when the run ended.",
+    reason: Literal["busy", "invalid", "failed", "lost", "teardown"] = Field(
+        description="busy: the off-thread service had no room (max_pending_windows or offload.max_in_flight_jobs in flight); invalid: data unusable (constant region, region smaller than the PSF window); failed: the computation raised; lost: the worker computing it died; teardown: still pending when the run ended.",
     )
     detail: str = Field("", description="Human-readable detail.")
     windows_skipped_total: int = Field(description="Windows not computed so far in this run (all reasons).")
@@ -399,105 +406,58 @@ class _WindowJob:
     alpha: float
     backend: Backend
     device: str
+    edge: EdgeRule = "full_windows"
 
 
 def _run_window_job(job: _WindowJob) -> tuple[np.ndarray, float]:
-    """Compute one window; returns the image (float32) and the compute time (s)."""
+    """Compute one window (in an off-thread worker); returns the image (float32) and the compute
+    time (s)."""
     t0 = time.perf_counter()
     geometry = musical_geometry(job.wavelength_nm, job.na, job.pixel_size_nm, job.subpixels)
     normalized = job.data.astype(np.float64) / job.scale
     image = musical_canvas(
-        normalized, geometry, job.threshold_log10, job.alpha, backend=job.backend, device=job.device
+        normalized, geometry, job.threshold_log10, job.alpha, backend=job.backend, device=job.device,
+        edge=job.edge,
     )
     return image.astype(np.float32), time.perf_counter() - t0
 
 
-_BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
-
-
-def _init_worker() -> None:
-    """Worker process set-up: one BLAS thread, and no SIGINT (Ctrl-C reaches the whole process
-    group; the daemon shuts the pool down in order, a worker must not die mid-window)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    limit_blas_threads()
-
-
-def limit_blas_threads() -> None:
-    """Make BLAS in this process single-threaded (worker initializer).
-
-    Batched ``eigh`` ran 15× slower with 2 BLAS threads than with 1 (SCIENCE.md): parallelism
-    comes from the workers, not from BLAS. Uses threadpoolctl when it is installed; otherwise
-    sets the usual environment variables (for libraries loaded later) and calls
-    ``openblas_set_num_threads(1)`` in every OpenBLAS already loaded (found in /proc/self/maps).
-    """
-    for name in _BLAS_ENV:
-        os.environ[name] = "1"
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        _set_openblas_threads(1)
-    else:
-        threadpool_limits(1)
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(1)
-
-
-def _set_openblas_threads(n: int) -> None:
-    try:
-        with open("/proc/self/maps") as fh:
-            paths = {line.split()[-1] for line in fh if "openblas" in line.lower() and "/" in line}
-    except OSError:
-        return
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for symbol in ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_"):
-            func = getattr(lib, symbol, None)
-            if func is not None:
-                func(ctypes.c_int(n))
-                break
-
-
 # -- the live stage ------------------------------------------------------------------------------
 
-
-@dataclass
-class _Pending:
-    future: Future[tuple[np.ndarray, float]]
-    body: dict[str, Any]
-    t_acquired: float
+OWNER = "musical"
 
 
 class MusicalStage:
     """Live MUSICAL: per-track windows, a periodic full-field window, off the camera path.
 
-    Per track (needs ``products["track"]``, a TrackUpdate with ``frame_seq, particle, x, y,
-    started, ended``): when a track first appears, a capture box of ``region_px + 2·margin``
-    pixels is placed centred on it, and every frame while the track is open its box is cropped
-    into the track's ring buffer of ``window_frames`` frames (with the track's position, NaN in
-    frames without a detection). Once ``window_frames`` frames are buffered, and then every
-    ``slide_frames`` frames, the window is cut: a ``region_px`` square centred on the mean of the
-    track's positions in the window (moved inside the box where needed) goes to a worker. A track
-    that leaves the middle of its box gets a new box (partial window dropped, counted in
-    ``musical_track_reanchors``). When ``ended`` names the track, or it has no detection for
-    ``window_frames`` frames, its buffer is freed (a partial window is dropped).
+    Per track (needs the tracker's TrackUpdate: ``frame_seq, particle, x, y, started, ended``):
+    when a track first appears, a capture box of ``region_px + 2·margin`` pixels is placed centred
+    on it, and every frame while the track is open its box is cropped into the track's ring
+    buffer of ``window_frames`` frames (with the track's position, NaN in frames without a
+    detection). Once ``window_frames`` frames are buffered, and then every ``slide_frames`` frames,
+    the window is cut: a ``region_px`` square centred on the mean of the track's positions in the
+    window (moved inside the box where needed). The windows cut in a frame become the
+    :class:`TrackWindows` product for later stages, and each goes to the engine's off-thread
+    service (``context.offload``) as one MUSICAL job. A track that leaves the middle of its box
+    gets a new box (partial window dropped, counted in ``musical_track_reanchors``). When
+    ``ended`` names the track, or it has no detection for ``window_frames`` frames, its buffer is
+    freed (a partial window is dropped).
 
-    Without ``products["track"]`` (no tracker in the pipeline) only full-field windows run: when
-    ``full_field_every_frames > 0``, every that many frames the next ``window_frames`` whole frames
-    are collected and sent as one window (at ``full_field_subpixels``).
+    Without a tracker only full-field windows run: when ``full_field_every_frames > 0``, every
+    that many frames the next ``window_frames`` whole frames are collected and sent as one window
+    (at ``full_field_subpixels``).
 
     All windows share one normalization (``normalization_adu``, or the maximum of the run's first
     ``window_frames`` frames) and one threshold (a number, or ``"auto"`` resolved on the first
     window), so that images of successive windows compare.
 
-    Work runs in a pool (spawned processes with single-threaded BLAS, or threads); ``process``
-    only copies crops and submits. When ``max_pending_windows`` are in flight a new window is
-    skipped and counted (event ``musical_skipped``), or, with ``skip_when_busy=False``, waited for.
-    Finished images come back as ``musical`` emissions from later ``process`` calls and from
-    ``teardown`` (which waits at most ``teardown_timeout_s``).
+    The service bounds the work in flight (``max_pending_windows`` for this stage, and
+    ``offload.max_in_flight_jobs`` for all); a window it cannot take is skipped and counted (event
+    ``musical_skipped``, reason ``busy``), or, with ``skip_when_busy=False``, waited for. Images are
+    published from the service's callbacks on the engine's housekeeping tick (also while paused or
+    when no frames arrive); windows whose computation raised, whose worker died, or that were
+    still running when the run ended are published as ``musical_skipped`` (``failed``, ``lost``,
+    ``teardown``). ``process`` only copies crops and submits.
 
     Memory is bounded: the track ring buffers are one preallocated float32 array of
     ``max_tracks × window_frames × box²`` (32 × 200 × 49² × 4 B ≈ 61 MB at the defaults), tracks
@@ -511,17 +471,24 @@ class MusicalStage:
     def __init__(self, config: ScopestreamConfig, settings: MusicalSettings) -> None:
         self._optics = config.optics
         self._settings = settings
-        self._executor: Executor | None = None
-        self._pending: deque[_Pending] = deque()
+        self._offload: Offload | None = None
+        # Counters are written by the stage thread and by the service's callbacks (housekeeping).
+        self._counts_lock = threading.Lock()
         self._counts = {
             "musical_windows_done": 0,
             "musical_windows_skipped": 0,
+            "musical_windows_busy": 0,
             "musical_windows_invalid": 0,
             "musical_windows_failed": 0,
+            "musical_windows_lost": 0,
             "musical_track_reanchors": 0,
             "musical_tracks_not_buffered": 0,
         }
         self._configure(settings)
+
+    def setup(self, context: RunContext) -> None:
+        """Take the run's off-thread service, ``context.offload``."""
+        self._offload = context.offload
 
     # settings -------------------------------------------------------------------------------
 
@@ -555,7 +522,7 @@ class MusicalStage:
         """Take new settings; buffers restart if the window, region or optics changed."""
         old = self._settings
         keep = {"alpha", "subpixels", "full_field_subpixels", "skip_when_busy", "max_pending_windows",
-                "teardown_timeout_s", "threshold", "backend", "device"}
+                "threshold", "backend", "device", "edge"}
         structural = {k for k in type(settings).model_fields if k not in keep}
         if any(getattr(old, k) != getattr(settings, k) for k in structural):
             self._configure(settings)
@@ -565,17 +532,21 @@ class MusicalStage:
             self._threshold_log10 = None if settings.threshold == "auto" else float(settings.threshold)
 
     def counters(self) -> Mapping[str, int]:
-        """Running totals: windows done / skipped (any reason) / invalid / failed, re-anchors,
-        tracks not buffered."""
-        return dict(self._counts)
+        """Running totals: windows done / skipped (any reason) / busy / invalid / failed / lost,
+        re-anchors, tracks not buffered."""
+        with self._counts_lock:
+            return dict(self._counts)
+
+    def _add(self, name: str, n: int = 1) -> int:
+        with self._counts_lock:
+            self._counts[name] += n
+            return self._counts[name]
 
     # frames ---------------------------------------------------------------------------------
 
-    def setup(self, context: RunContext) -> None:
-        """Nothing to prepare yet: buffers are sized on the first frame."""
-
     def process(self, frame: Frame, products: Products) -> Sequence[Emission]:
-        """Buffer this frame's crops, submit complete windows, return finished images."""
+        """Buffer this frame's crops, cut complete windows (product :class:`TrackWindows`) and
+        submit them; returns skip events (images come from the service's callbacks)."""
         image = frame.image
         if image.ndim != 2 or image.size == 0:
             raise ValueError(f"frame {frame.seq}: expected a non-empty 2-D image, got shape {image.shape}")
@@ -589,40 +560,21 @@ class MusicalStage:
             raise ValueError(
                 f"frame {frame.seq}: shape {image.shape} differs from the run's {self._frame_shape}"
             )
-        emissions = self._collect()
+        emissions: list[Emission] = []
         if self._scale is None:
             self._running_max = max(self._running_max, float(image.max()))
             if self._frames_seen + 1 >= self._settings.window_frames:
                 self._scale = self._running_max if self._running_max > 0 else 1.0
         track = products.get(TrackUpdate)
         if track is not None and self._ring is not None:
-            self._ingest_track(frame, image, track, emissions)
+            windows = self._ingest_track(frame, image, track)
+            if windows is not None:
+                products.put(windows)
+                for window in windows.windows:
+                    self._submit_track_window(window, frame, emissions)
         if self._settings.full_field_every_frames > 0:
             self._ingest_full_field(frame, image, emissions)
         self._frames_seen += 1
-        return emissions
-
-    def teardown(self) -> Sequence[Emission]:
-        """Wait (at most ``teardown_timeout_s``) for windows in flight and return their images."""
-        emissions: list[Emission] = []
-        deadline = time.monotonic() + self._settings.teardown_timeout_s
-        while self._pending:
-            item = self._pending[0]
-            try:
-                item.future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except FutureTimeoutError:
-                break
-            except Exception:  # noqa: BLE001 - reported by _emit_result below
-                pass
-            self._pending.popleft()
-            self._emit_result(item, emissions)
-        while self._pending:
-            item = self._pending.popleft()
-            item.future.cancel()
-            self._skip(item.body, "teardown", "still in flight when the run ended", emissions)
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
         return emissions
 
     # internals ------------------------------------------------------------------------------
@@ -662,14 +614,15 @@ class MusicalStage:
         rx0 = np.clip(np.round(x).astype(np.intp) - self._region_w // 2, 0, w - self._region_w)
         return ry0, rx0
 
-    def _ingest_track(self, frame: Frame, image: np.ndarray, track: Any, emissions: list[Emission]) -> None:
+    def _ingest_track(self, frame: Frame, image: np.ndarray, track: Any) -> TrackWindows | None:
+        """Buffer the frame for every open track; the windows completed in this frame, or None."""
         s = self._settings
         particle = np.asarray(track.particle, dtype=np.int64).reshape(-1)
         xs = np.asarray(track.x, dtype=np.float64).reshape(-1)
         ys = np.asarray(track.y, dtype=np.float64).reshape(-1)
         if not (particle.shape == xs.shape == ys.shape):
             raise ValueError(
-                f"frame {frame.seq}: products['track'] has {particle.size} ids but {xs.size} x and {ys.size} y"
+                f"frame {frame.seq}: the track update has {particle.size} ids but {xs.size} x and {ys.size} y"
             )
         good = np.isfinite(xs) & np.isfinite(ys)
         particle, xs, ys = particle[good], xs[good], ys[good]
@@ -682,7 +635,7 @@ class MusicalStage:
                 continue
             free = np.flatnonzero(self._particle < 0)
             if free.size == 0:
-                self._counts["musical_tracks_not_buffered"] += 1
+                self._add("musical_tracks_not_buffered")
                 if len(self._refused) > 100_000:
                     self._refused.clear()
                 self._refused.add(pid)
@@ -702,12 +655,12 @@ class MusicalStage:
                 | (rx0 < self._box_x0[slots]) | (rx0 + self._region_w > self._box_x0[slots] + self._box_w)
             )
             for i in np.flatnonzero(out).tolist():
-                self._counts["musical_track_reanchors"] += 1
+                self._add("musical_track_reanchors")
                 self._place_box(int(slots[i]), float(xs[i]), float(ys[i]))
             self._last_seen[slots] = frame.seq
         active = np.flatnonzero(self._particle >= 0)
         if active.size == 0:
-            return
+            return None
         k = s.window_frames
         widx = self._count[active] % k
         self._pos[active, widx] = np.nan
@@ -721,12 +674,12 @@ class MusicalStage:
         self._seq[active, widx] = frame.seq
         self._count[active] += 1
         ready = active[self._count[active] >= self._next_window[active]]
-        for slot in ready.tolist():
-            self._next_window[slot] += s.slide_frames
-            self._submit_track_window(slot, frame, emissions)
+        windows = self._cut_windows(ready, frame.seq) if ready.size else None
+        self._next_window[ready] += s.slide_frames
         stale = active[frame.seq - self._last_seen[active] > k]
         for slot in stale.tolist():
             self._free(int(self._particle[slot]))
+        return windows
 
     def _free(self, pid: int) -> None:
         slot = self._slot_of.pop(pid, None)
@@ -734,32 +687,49 @@ class MusicalStage:
             self._particle[slot] = -1
             self._count[slot] = 0
 
-    def _submit_track_window(self, slot: int, frame: Frame, emissions: list[Emission]) -> None:
+    def _cut_windows(self, ready: np.ndarray, frame_seq: int) -> TrackWindows:
+        """Cut the region of each ready slot's window out of its box (product for later stages)."""
         k = self._settings.window_frames
-        order = (self._count[slot] - k + np.arange(k)) % k
+        rh, rw = self._region_h, self._region_w
+        windows: list[TrackWindow] = []
         assert self._ring is not None
-        pos = self._pos[slot, order]
-        seqs = self._seq[slot, order]
-        finite = np.isfinite(pos[:, 0])
-        by0, bx0 = int(self._box_y0[slot]), int(self._box_x0[slot])
+        for slot in ready.tolist():
+            order = (self._count[slot] - k + np.arange(k)) % k
+            pos = self._pos[slot, order]  # (y, x)
+            finite = np.isfinite(pos[:, 0])
+            by0, bx0 = int(self._box_y0[slot]), int(self._box_x0[slot])
+            if finite.any():
+                cy, cx = float(pos[finite, 0].mean()), float(pos[finite, 1].mean())
+            else:
+                cy, cx = by0 + (self._box_h - 1) / 2, bx0 + (self._box_w - 1) / 2
+            ry0, rx0 = self._region_origin(np.array([cx]), np.array([cy]))
+            y0 = int(np.clip(ry0[0], by0, by0 + self._box_h - rh))
+            x0 = int(np.clip(rx0[0], bx0, bx0 + self._box_w - rw))
+            ly, lx = y0 - by0, x0 - bx0
+            seqs = self._seq[slot, order]
+            windows.append(TrackWindow(
+                particle=int(self._particle[slot]), frame_start=int(seqs[0]), frame_end=int(seqs[-1]),
+                y0_px=y0, x0_px=x0, pixels=self._ring[slot, order, ly : ly + rh, lx : lx + rw],
+                positions_px=np.ascontiguousarray(pos[:, ::-1]),  # ring keeps (y, x); products (x, y)
+            ))
+        return TrackWindows(frame_seq, tuple(windows))
+
+    def _submit_track_window(self, window: TrackWindow, frame: Frame, emissions: list[Emission]) -> None:
+        y0, x0 = window.y0_px, window.x0_px
+        rh, rw = window.pixels.shape[1:]
+        xy = window.positions_px
+        finite = np.isfinite(xy[:, 0])
         if finite.any():
-            cy, cx = float(pos[finite, 0].mean()), float(pos[finite, 1].mean())
+            cx, cy = float(xy[finite, 0].mean()), float(xy[finite, 1].mean())
         else:
-            cy, cx = by0 + (self._box_h - 1) / 2, bx0 + (self._box_w - 1) / 2
-        ry0, rx0 = self._region_origin(np.array([cx]), np.array([cy]))
-        y0 = int(np.clip(ry0[0], by0, by0 + self._box_h - self._region_h))
-        x0 = int(np.clip(rx0[0], bx0, bx0 + self._box_w - self._region_w))
-        ly, lx = y0 - by0, x0 - bx0
-        data = self._ring[slot, order][:, ly : ly + self._region_h, lx : lx + self._region_w]
-        p = pos[finite]
-        fits = bool(
-            np.all((p[:, 0] >= y0 - 0.5) & (p[:, 0] < y0 + self._region_h - 0.5)
-                   & (p[:, 1] >= x0 - 0.5) & (p[:, 1] < x0 + self._region_w - 0.5))
-        )
-        body = self._body_base("track", int(self._particle[slot]), int(seqs[0]), int(seqs[-1]), k,
-                               x0, y0, self._region_w, self._region_h, self._settings.subpixels)
+            cx, cy = x0 + (rw - 1) / 2, y0 + (rh - 1) / 2
+        p = xy[finite]
+        fits = bool(np.all((p[:, 1] >= y0 - 0.5) & (p[:, 1] < y0 + rh - 0.5)
+                           & (p[:, 0] >= x0 - 0.5) & (p[:, 0] < x0 + rw - 0.5)))
+        body = self._body_base("track", window.particle, window.frame_start, window.frame_end,
+                               window.pixels.shape[0], x0, y0, rw, rh, self._settings.subpixels)
         body.update(centre_x_px=cx, centre_y_px=cy, path_fits=fits)
-        self._submit(data, body, frame, emissions)
+        self._submit(window.pixels, body, frame, emissions)
 
     def _ingest_full_field(self, frame: Frame, image: np.ndarray, emissions: list[Emission]) -> None:
         s = self._settings
@@ -792,8 +762,8 @@ class MusicalStage:
         s = self._settings
         problem = self._window_problem(data)
         if problem:
-            self._counts["musical_windows_invalid"] += 1
-            self._skip(body, "invalid", problem, emissions)
+            self._add("musical_windows_invalid")
+            emissions.extend(self._skip(body, "invalid", problem))
             return
         scale = self._scale if self._scale is not None else max(self._running_max, 1.0)
         if self._threshold_log10 is None:
@@ -803,36 +773,30 @@ class MusicalStage:
                     self._wavelength_nm, self._na, self._pixel_size_nm,
                 )
             except ValueError as exc:
-                self._skip(body, "invalid", f"automatic threshold: {exc}", emissions)
-                self._counts["musical_windows_invalid"] += 1
+                self._add("musical_windows_invalid")
+                emissions.extend(self._skip(body, "invalid", f"automatic threshold: {exc}"))
                 return
         body.update(threshold_log10=self._threshold_log10, scale_adu=scale)
         job = _WindowJob(
             data=np.ascontiguousarray(data), scale=scale, wavelength_nm=self._wavelength_nm, na=self._na,
             pixel_size_nm=self._pixel_size_nm, subpixels=int(body["subpixels"]),
             threshold_log10=self._threshold_log10, alpha=s.alpha, backend=s.backend, device=s.device,
+            edge=s.edge,
         )
-        if len(self._pending) >= s.max_pending_windows:
-            if s.skip_when_busy:
-                self._skip(body, "busy", f"{len(self._pending)} windows in flight", emissions)
-                return
-            while len(self._pending) >= s.max_pending_windows:
-                item = self._pending.popleft()
-                with contextlib.suppress(Exception):
-                    item.future.result()
-                self._emit_result(item, emissions)
-        future: Future[tuple[np.ndarray, float]]
-        if s.workers == 0:
-            future = Future()
-            try:
-                future.set_result(_run_window_job(job))
-            except Exception as exc:  # noqa: BLE001 - reported as a failed window
-                future.set_exception(exc)
-        else:
-            future = self._pool().submit(_run_window_job, job)
-        self._pending.append(_Pending(future, body, frame.t_acquired))
-        if s.workers == 0:
-            emissions.extend(self._collect())
+        if self._offload is None:
+            raise RuntimeError("the musical stage has no off-thread service: setup(context) was not called")
+        t_acquired = frame.t_acquired
+        accepted = self._offload.submit(
+            OWNER, _run_window_job, job,
+            on_done=functools.partial(self._on_image, body, t_acquired),
+            on_fail=functools.partial(self._on_fail, body),
+            max_in_flight=s.max_pending_windows, block=not s.skip_when_busy,
+        )
+        if not accepted:
+            self._add("musical_windows_busy")
+            in_flight = self._offload.in_flight(OWNER)
+            reason = "the run is ending" if self._offload.closed else f"{in_flight} of this stage's windows in flight"
+            emissions.extend(self._skip(body, "busy", reason))
 
     def _window_problem(self, data: np.ndarray) -> str:
         if data.shape[1] < self._window_px or data.shape[2] < self._window_px:
@@ -841,52 +805,27 @@ class MusicalStage:
             return "the region is constant over the window (no fluctuations)"
         return ""
 
-    def _pool(self) -> Executor:
-        if self._executor is None:
-            s = self._settings
-            if s.executor == "thread":
-                limit_blas_threads()
-                self._executor = ThreadPoolExecutor(max_workers=s.workers, thread_name_prefix="musical")
-            else:
-                self._executor = ProcessPoolExecutor(
-                    max_workers=s.workers, mp_context=get_context("spawn"), initializer=_init_worker
-                )
-        return self._executor
+    # callbacks of the off-thread service (housekeeping thread: no stage state but the counters)
 
-    def _collect(self) -> list[Emission]:
-        emissions: list[Emission] = []
-        still: deque[_Pending] = deque()
-        for item in self._pending:
-            if item.future.done():
-                self._emit_result(item, emissions)
-            else:
-                still.append(item)
-        self._pending = still
-        return emissions
+    def _on_image(self, body: dict[str, Any], t_acquired: float, result: tuple[np.ndarray, float]) -> list[Emission]:
+        image, seconds = result
+        self._add("musical_windows_done")
+        message = MusicalBody(**body, compute_ms=seconds * 1e3)
+        return [Emission("musical", message, {"image": image}, frame_seq=message.frame_end, t_acquired=t_acquired)]
 
-    def _emit_result(self, item: _Pending, emissions: list[Emission]) -> None:
-        try:
-            image, seconds = item.future.result(timeout=0)
-        except Exception as exc:  # noqa: BLE001 - any worker failure is reported, never raised
-            self._counts["musical_windows_failed"] += 1
-            if "BrokenProcessPool" in type(exc).__name__ and self._executor is not None:
-                self._executor.shutdown(wait=False, cancel_futures=True)
-                self._executor = None
-            self._skip(item.body, "failed", f"{type(exc).__name__}: {exc}", emissions)
-            return
-        self._counts["musical_windows_done"] += 1
-        body = MusicalBody(**item.body, compute_ms=seconds * 1e3)
-        emissions.append(Emission("musical", body, {"image": image}, frame_seq=body.frame_end,
-                                  t_acquired=item.t_acquired))
+    def _on_fail(self, body: dict[str, Any], reason: str, detail: str) -> list[Emission]:
+        if reason in ("failed", "lost"):
+            self._add(f"musical_windows_{reason}")
+        return self._skip(body, reason, detail)
 
-    def _skip(self, body: dict[str, Any], reason: str, detail: str, emissions: list[Emission]) -> None:
-        self._counts["musical_windows_skipped"] += 1
+    def _skip(self, body: dict[str, Any], reason: str, detail: str) -> list[Emission]:
+        total = self._add("musical_windows_skipped")
         skipped = MusicalSkippedBody(
             particle=body["particle"], kind=body["kind"], frame_start=body["frame_start"],
             frame_end=body["frame_end"], reason=reason, detail=detail,  # type: ignore[arg-type]
-            windows_skipped_total=self._counts["musical_windows_skipped"],
+            windows_skipped_total=total,
         )
-        emissions.append(Emission("musical_skipped", skipped, frame_seq=body["frame_end"]))
+        return [Emission("musical_skipped", skipped, frame_seq=body["frame_end"])]
 
 
 PLUGIN = StagePlugin(
@@ -896,9 +835,10 @@ PLUGIN = StagePlugin(
     topics={"musical": MusicalBody, "musical_skipped": MusicalSkippedBody},
     # Not consumes: without a tracker the stage still runs full-field windows.
     consumes_if_present=(TrackUpdate,),
+    produces=(TrackWindows,),
     runtime_settable=frozenset(
         {"alpha", "threshold", "subpixels", "full_field_subpixels", "skip_when_busy",
-         "max_pending_windows", "teardown_timeout_s"}
+         "max_pending_windows", "edge"}
     ),
-    description="MUSICAL super-resolution of track regions and the whole field, in a worker pool.",
+    description="MUSICAL super-resolution of track regions and the whole field, through the engine's off-thread service.",
 )

@@ -54,6 +54,9 @@ def add_musical_command(subparsers: Any) -> None:
     p.add_argument("--slide-frames", type=int, default=None, help="frames between window starts (default: --window-frames)")
     p.add_argument("--backend", choices=("numpy", "torch"), default="numpy", help="kernel backend (default numpy)")
     p.add_argument("--device", default="cpu", help="torch device for --backend torch (default cpu)")
+    p.add_argument("--edge", choices=("full_windows", "partial_windows"), default="full_windows",
+                   help="border rule: windows wholly inside the image (MusiJ; default), or also those cut "
+                        "at the edge (the MATLAB-derived ports; no crop)")
     p.set_defaults(func=handler)
 
 
@@ -89,6 +92,7 @@ def handler(args: argparse.Namespace) -> int:
             alpha=args.alpha,
             backend=args.backend,
             device=args.device,
+            edge=args.edge,
         )
     except ValueError as exc:
         raise InputError(f"{str(path)!r}: {exc}") from None
@@ -106,6 +110,7 @@ def handler(args: argparse.Namespace) -> int:
         "window_px": first.window_px,
         "threshold_log10": first.threshold_log10,
         "alpha": args.alpha,
+        "edge": args.edge,
         "scale": first.scale,
         "frame_ranges": [[r.frame_start, r.frame_end] for r in results],
     }

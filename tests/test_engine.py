@@ -11,7 +11,6 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from scopestream.daemon import (
 )
 from scopestream.daemon._cli import main
 from scopestream.daemon._config import ScopestreamConfig, load_config
+from scopestream.daemon._offload import Offload, ThreadBackend
 from scopestream.daemon._publish import Envelope
 from scopestream.daemon._service import Daemon
 from scopestream.daemon.client import ControlClient, Subscriber
@@ -191,7 +191,7 @@ class _Offloader:
                 return [Emission("level", _Level(frame_seq=seq, level=total), frame_seq=seq)]
 
             self._offload.submit(self.name, _offloaded_sum, frame.image, _Offloader.gate,
-                                 on_done=done, on_fail=lambda exc: [])
+                                 on_done=done, on_fail=lambda reason, detail: [])
         return []
 
 
@@ -363,38 +363,6 @@ def test_emissions_that_cannot_be_published_are_stage_errors(
 # -- off-thread work -----------------------------------------------------------------------------
 
 
-class _PoolOffload:
-    """The Offload protocol over a real thread pool: results come back later, on poll."""
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(2)
-        self._lock = threading.Lock()
-        self._jobs: list[tuple[Future[Any], Callable[[Any], Sequence[Emission]], Callable[[BaseException], Sequence[Emission]]]] = []
-
-    def submit(self, owner: str, fn: Callable[..., Any], *args: Any,
-               on_done: Callable[[Any], Sequence[Emission]], on_fail: Callable[[BaseException], Sequence[Emission]]) -> bool:
-        with self._lock:
-            self._jobs.append((self._pool.submit(fn, *args), on_done, on_fail))
-        return True
-
-    def poll(self) -> list[Emission]:
-        with self._lock:
-            ready = [j for j in self._jobs if j[0].done()]
-            self._jobs = [j for j in self._jobs if not j[0].done()]
-        out: list[Emission] = []
-        for fut, done, fail in ready:
-            exc = fut.exception()
-            out.extend(fail(exc) if exc is not None else done(fut.result()))
-        return out
-
-    def counters(self, owner: str) -> Mapping[str, int]:
-        with self._lock:
-            return {"in_flight": len(self._jobs)}
-
-    def close(self, timeout_s: float) -> None:
-        self._pool.shutdown(wait=True)
-
-
 def test_offloaded_results_are_published_from_the_housekeeping_tick_even_while_paused(
     tmp_path: Path, make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]
 ) -> None:
@@ -404,7 +372,7 @@ def test_offloaded_results_are_published_from_the_housekeeping_tick_even_while_p
     _Offloader.gate = gate
     config = make_config("source.kind=file", f"source.file_path={tmp_path / 's.tif'}", "source.replay_fps=100",
                          "stages=[offloader_test]", "events.wait_for_subscriber_s=10")
-    daemon = Daemon(config, offload=_PoolOffload())
+    daemon = Daemon(config, offload=Offload(ThreadBackend(2), max_in_flight_jobs=64))
     daemons.append(daemon)
     sub = start_with_subscriber(daemon, ["level", "run_stop"])
     assert daemon.control_endpoint is not None

@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,8 @@ from scipy.special import erf, j1
 from scopestream.daemon._config import ScopestreamConfig
 from scopestream.daemon._errors import InputError
 from scopestream.daemon._frames import Frame
-from scopestream.daemon._products import Products, TrackUpdate
+from scopestream.daemon._offload import Offload, ProcessBackend, ThreadBackend
+from scopestream.daemon._products import Products, TrackUpdate, TrackWindows
 from scopestream.plugins import _musical_core as core
 from scopestream.plugins import musical as mus
 from scopestream.plugins.musical import (
@@ -28,6 +31,9 @@ from scopestream.plugins.musical import (
     musical_image,
     musical_windows,
 )
+
+sys.path.insert(0, str(Path(__file__).parent))
+import offload_jobs  # noqa: E402
 
 PX_NM, LAMBDA_NM, NA = 65.0, 510.0, 1.49  # the published defaults: N_w = 7
 SIGMA_PX = 0.21 * LAMBDA_NM / NA / PX_NM  # Gaussian approximation of the Airy PSF
@@ -410,6 +416,99 @@ def test_auto_threshold_finds_the_shoulder() -> None:
     assert np.mean(above == 3) >= 0.9
 
 
+# -- border rule and caches ----------------------------------------------------------------------
+
+
+def oracle_musical_partial(stack: np.ndarray, sub: int, threshold: float, alpha: float = 4.0) -> np.ndarray:
+    """The MATLAB-derived ports' border rule (napari-superres ``function_MUSIC_scan_parallel``),
+    one pixel at a time: a window centred on every pixel, cut to the pixels inside the image (its
+    rows of D, w and G), its test-point patch added where it falls inside the image, averaged.
+    Their display step (crop (N_w − 1)/2 px, percentile clipping) is left out."""
+    k, h, w = stack.shape
+    x = stack / stack.max()
+    n_w = 1 + 2 * int(np.floor(0.61 * LAMBDA_NM / (NA * PX_NM)))
+    half, c, var = n_w // 2, (n_w - 1) / 2, n_w // 2
+    weight = np.array([np.exp(-((a - c) ** 2 + (b - c) ** 2) / (2 * var)) for a in range(n_w) for b in range(n_w)])
+    g = oracle_psf_matrix(n_w, sub) * weight[:, None]
+    canvas = np.zeros(((h + 2 * half) * sub, (w + 2 * half) * sub))
+    count = np.zeros_like(canvas)
+    for r in range(h):
+        for cc in range(w):
+            rows = [a for a in range(n_w) if 0 <= r + a - half < h]
+            cols = [b for b in range(n_w) if 0 <= cc + b - half < w]
+            keep = [a * n_w + b for a in rows for b in cols]
+            patch = x[:, r + rows[0] - half : r + rows[-1] - half + 1, cc + cols[0] - half : cc + cols[-1] - half + 1]
+            d = weight[keep, None] * patch.reshape(k, -1).T
+            u, s, _ = np.linalg.svd(d, full_matrices=True)
+            n_sv = min(len(keep), k)
+            above = int(np.sum(s >= 10.0**threshold))
+            m = above + 1
+            if above == n_sv or m >= n_sv:
+                m = n_sv - 3
+            gk = g[keep]
+            f = (np.linalg.norm(u[:, :m].T @ gk, axis=0) / np.linalg.norm(u[:, m:].T @ gk, axis=0)) ** alpha
+            canvas[r * sub : (r + n_w) * sub, cc * sub : (cc + n_w) * sub] += f.reshape(n_w * sub, n_w * sub)
+            count[r * sub : (r + n_w) * sub, cc * sub : (cc + n_w) * sub] += 1
+    crop = (slice(half * sub, (half + h) * sub), slice(half * sub, (half + w) * sub))
+    return canvas[crop] / count[crop]
+
+
+@pytest.mark.parametrize(
+    ("size", "threshold", "tolerance"),
+    [
+        ((11, 12), -1.0, 1e-10),  # float64 throughout, eigh of Gram matrices vs SVD: ~1e-12
+        # -6: the degenerate rule of step 5 (M = n − 3, n the cut window's own size). The 3-vector
+        # noise subspace then comes from the smallest eigenvalues of D Dᵀ, whose condition number
+        # is the square of D's: the whole-window kernel itself agrees with the loop to ~2e-8 here,
+        # and a 4×4 corner window (16 pixels) to ~1.4e-7.
+        ((9, 8), -6.0, 1e-6),
+    ],
+)
+def test_partial_windows_follow_the_ports_border_rule(size: tuple[int, int], threshold: float,
+                                                      tolerance: float) -> None:
+    """``edge="partial_windows"`` against the per-pixel oracle of the ports' rule, every pixel
+    (border included)."""
+    rng = np.random.default_rng(21)
+    stack, _ = blinking_pair(100.0, seed=21, n_frames=60, size=max(size))
+    stack = stack[:, : size[0], : size[1]] + rng.poisson(1.0, (60, *size))
+    ours = musical_image(stack, subpixels=2, threshold=threshold, edge="partial_windows").image
+    ref = oracle_musical_partial(stack, 2, threshold)
+    assert ours.shape == ref.shape == (size[0] * 2, size[1] * 2)
+    assert np.max(np.abs(ours - ref) / np.abs(ref)) < tolerance
+
+
+def test_edge_rules_agree_inside_the_image() -> None:
+    """Pixels at least N_w − 1 px from the edge are touched only by whole windows: both rules
+    give the same values there (to float64 rounding), and differ nearer the edge."""
+    stack, _ = blinking_pair(120.0, seed=22, n_frames=50, size=18)
+    full = musical_image(stack, subpixels=3, threshold=-1.0).image
+    partial = musical_image(stack, subpixels=3, threshold=-1.0, edge="partial_windows").image
+    n_w, sub = 7, 3
+    inside = (slice((n_w - 1) * sub, (18 - n_w + 1) * sub),) * 2
+    assert np.max(np.abs(full[inside] - partial[inside]) / full[inside]) < 1e-12
+    assert np.max(np.abs(full - partial) / full) > 1e-3  # the border is where the rules differ
+    with pytest.raises(ValueError, match="edge"):
+        musical_image(stack, subpixels=2, edge="padded")  # type: ignore[arg-type]
+
+
+def test_torch_cache_never_returns_a_stale_tensor() -> None:
+    """Geometries made and dropped one after another (CPython reuses a freed object's address,
+    so ``id`` repeats): each gets the tensor of its own G, never an earlier geometry's."""
+    torch = pytest.importorskip("torch")
+    make = core.musical_geometry.__wrapped__  # uncached: every call a new object
+    ids = set()
+    for i in range(40):
+        geom = make(LAMBDA_NM + 7.0 * i, NA, PX_NM, 1 + i % 3)
+        ids.add(id(geom))
+        for rotated in (False, True):
+            g = core._torch_psf_matrix(geom, torch.float64, torch.device("cpu"), rotated)
+            expected = geom.psf_basis.T @ geom.psf_matrix if rotated else geom.psf_matrix
+            assert g.shape == expected.shape
+            np.testing.assert_allclose(g.numpy(), expected, rtol=0, atol=1e-15)
+        del geom, g
+    assert len(ids) < 40  # the ids did repeat: the case that returned stale tensors before
+
+
 # -- the live stage ------------------------------------------------------------------------------
 
 
@@ -419,21 +518,47 @@ def track_update(frame_seq: int, particle: np.ndarray, x: np.ndarray, y: np.ndar
     return TrackUpdate(frame_seq, particle, x, y, started or [], ended or [])
 
 
-def make_stage(**settings: Any) -> MusicalStage:
+def make_stage(offload: Offload | None = None, **settings: Any) -> MusicalStage:
+    """A stage set up with ``offload`` (default: one worker thread), as the runner sets it up."""
     config = ScopestreamConfig.model_validate(
         {"optics": {"pixel_size_nm": PX_NM, "wavelength_nm": LAMBDA_NM, "na": NA}}
     )
-    base: dict[str, Any] = {"workers": 0, "subpixels": 4}
+    base: dict[str, Any] = {"subpixels": 4}
     base.update(settings)
-    return MusicalStage(config, MusicalSettings(**base))
+    stage = MusicalStage(config, MusicalSettings(**base))
+    stage.setup(SimpleNamespace(offload=offload or Offload(ThreadBackend(1), max_in_flight_jobs=8)))
+    return stage
 
 
-def feed(stage: MusicalStage, movie: np.ndarray, tracks: list[Any] | None = None) -> list[Any]:
+def feed(stage: MusicalStage, movie: np.ndarray, tracks: list[Any] | None = None,
+         products_seen: list[Products] | None = None, poller: bool = False) -> list[Any]:
+    """Run the frames through the stage. Like the runner's housekeeping tick, the service is
+    polled: after each frame once its jobs finished (deterministic order), or from a poller
+    thread every 20 ms (``poller``); then closed (the run's end)."""
+    offload = stage._offload
+    assert offload is not None
     out: list[Any] = []
+    stop = threading.Event()
+
+    def poll_loop() -> None:
+        while not stop.wait(0.02):
+            out.extend(offload.poll())
+
+    thread = threading.Thread(target=poll_loop) if poller else None
+    if thread is not None:
+        thread.start()
     for i, frame_image in enumerate(movie):
         products = Products() if tracks is None else Products(tracks[i])
         out.extend(stage.process(Frame(seq=i, image=frame_image, t_acquired=float(i)), products))
-    out.extend(stage.teardown())
+        if products_seen is not None:
+            products_seen.append(products)
+        if thread is None:
+            assert offload.wait_idle(60)
+            out.extend(offload.poll())
+    if thread is not None:
+        stop.set()
+        thread.join()
+    out.extend(offload.close(60))
     return out
 
 
@@ -445,9 +570,24 @@ def test_stage_track_windows() -> None:
     tracks = [track_update(i, np.array([7]), np.array([xs[i] + jitter[1, i]]), np.array([ys[i] + jitter[0, i]]),
                               started=[7] if i == 0 else []) for i in range(n)]
     stage = make_stage(window_frames=k, slide_frames=slide, threshold="auto")
-    emissions = feed(stage, movie, tracks)
+    seen: list[Products] = []
+    emissions = feed(stage, movie, tracks, products_seen=seen)
     images = [e for e in emissions if e.topic == "musical"]
     assert [(e.body.frame_start, e.body.frame_end) for e in images] == [(0, 39), (20, 59), (40, 79), (60, 99)]
+    # The windows are also a product for later stages (motion), in the frame that completes them.
+    products = [(i, tw) for i, p in enumerate(seen) if (tw := p.get(TrackWindows)) is not None]
+    assert [i for i, _ in products] == [39, 59, 79, 99]
+    for (i, tw), e in zip(products, images, strict=True):
+        assert isinstance(tw, TrackWindows) and len(tw) == 1 and tw.frame_seq == i
+        w = tw.windows[0]
+        assert (w.particle, w.frame_start, w.frame_end) == (7, i - k + 1, i)
+        y0, x0 = w.y0_px, w.x0_px
+        assert (y0, x0) == (e.body.y0_px, e.body.x0_px)
+        sel = slice(i - k + 1, i + 1)
+        assert w.pixels.dtype == np.float32 and w.pixels.shape == (k, 25, 25)
+        np.testing.assert_array_equal(w.pixels, movie[sel, y0 : y0 + 25, x0 : x0 + 25])
+        np.testing.assert_array_equal(w.positions_px[:, 0], xs[sel] + jitter[1, sel])  # x, then y
+        np.testing.assert_array_equal(w.positions_px[:, 1], ys[sel] + jitter[0, sel])
     assert stage.counters()["musical_windows_done"] == 4 and stage.counters()["musical_windows_skipped"] == 0
     scale = float(movie[:k].max())  # the run's first window_frames frames, whole field
     for e in images:
@@ -491,33 +631,83 @@ def test_stage_skips_when_busy_and_teardown_flushes(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(mus, "_run_window_job", slow_job)
     movie = blinking_pair(100.0, seed=4, n_frames=48, size=12)[0]
-    stage = make_stage(window_frames=16, full_field_every_frames=16, workers=1, executor="thread",
+    offload = Offload(ThreadBackend(1), max_in_flight_jobs=8)
+    stage = make_stage(offload, window_frames=16, full_field_every_frames=16,
                        max_pending_windows=1, full_field_subpixels=2)
     emissions: list[Any] = []
     for i, im in enumerate(movie):
         emissions.extend(stage.process(Frame(seq=i, image=im, t_acquired=0.0), Products()))
-    # Window 1 is blocked in the worker; windows 2 and 3 found the pool full.
+        emissions.extend(offload.poll())  # the housekeeping tick: nothing has finished
+    # Window 1 is blocked in the worker; windows 2 and 3 found the stage's one slot taken.
     skipped = [e for e in emissions if e.topic == "musical_skipped"]
     assert [(e.body.frame_start, e.body.reason) for e in skipped] == [(16, "busy"), (32, "busy")]
     assert skipped[-1].body.windows_skipped_total == 2
+    assert not [e for e in emissions if e.topic == "musical"]
+    assert offload.counters("musical") == {**offload.counters("musical"), "submitted": 3, "accepted": 1,
+                                            "skipped_busy": 2, "in_flight": 1}
     release.set()
-    final = stage.teardown()
+    final = offload.close(30)  # the run's end: the image in flight is waited for and published
     assert [e.body.frame_start for e in final if e.topic == "musical"] == [0]
-    assert stage.counters()["musical_windows_done"] == 1 and stage.counters()["musical_windows_skipped"] == 2
+    counts = stage.counters()
+    assert counts["musical_windows_done"] == 1 and counts["musical_windows_skipped"] == 2
+    assert counts["musical_windows_busy"] == 2
 
 
-def test_stage_process_pool_matches_inline() -> None:
+def test_stage_images_arrive_from_the_housekeeping_tick_without_new_frames() -> None:
+    """An image is published by the service's poll (the runner's housekeeping tick), not by a
+    later frame: after the last frame, polling alone delivers it."""
+    movie = blinking_pair(100.0, seed=8, n_frames=20, size=12)[0]
+    offload = Offload(ThreadBackend(1))
+    stage = make_stage(offload, window_frames=20, full_field_every_frames=20, full_field_subpixels=2)
+    from_frames = []
+    for i, im in enumerate(movie):
+        from_frames.extend(stage.process(Frame(seq=i, image=im, t_acquired=0.0), Products()))
+    assert from_frames == []  # the window was submitted; process returns nothing more
+    assert offload.wait_idle(60)
+    polled = offload.poll()
+    assert [(e.topic, e.body.frame_start, e.body.frame_end) for e in polled] == [("musical", 0, 19)]
+    assert offload.close(1) == []
+
+
+def test_stage_process_pool_matches_thread_pool() -> None:
+    """The default backend (spawned processes) and threads give the same images; with
+    skip_when_busy=False nothing is skipped (submissions wait while a poller frees room)."""
     movie = blinking_pair(100.0, seed=5, n_frames=60, size=12)[0]
     settings = {"window_frames": 20, "full_field_every_frames": 20, "full_field_subpixels": 2}
-    inline = [e for e in feed(make_stage(**settings), movie) if e.topic == "musical"]
-    pooled_stage = make_stage(workers=2, executor="process", max_pending_windows=8,
-                              skip_when_busy=False, **settings)
-    pooled = [e for e in feed(pooled_stage, movie) if e.topic == "musical"]
-    assert sorted(e.body.frame_start for e in pooled) == [0, 20, 40]
-    by_start = {e.body.frame_start: e.arrays["image"] for e in pooled}
-    for e in inline:
-        np.testing.assert_allclose(by_start[e.body.frame_start], e.arrays["image"], rtol=1e-6)
+    threaded = [e for e in feed(make_stage(**settings), movie) if e.topic == "musical"]
+    pooled_stage = make_stage(Offload(ProcessBackend(2), max_in_flight_jobs=1), skip_when_busy=False, **settings)
+    pooled = feed(pooled_stage, movie, poller=True)
+    assert not [e for e in pooled if e.topic == "musical_skipped"]
+    by_start = {e.body.frame_start: e.arrays["image"] for e in pooled if e.topic == "musical"}
+    assert sorted(by_start) == [0, 20, 40]
+    for e in threaded:
+        np.testing.assert_array_equal(by_start[e.body.frame_start], e.arrays["image"])  # same code, same BLAS
     assert pooled_stage.counters()["musical_windows_done"] == 3
+
+
+def test_stage_window_whose_worker_dies_is_counted_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    movie = blinking_pair(100.0, seed=9, n_frames=20, size=12)[0]
+    offload = Offload(ProcessBackend(1))
+    stage = make_stage(offload, window_frames=10, full_field_every_frames=10, full_field_subpixels=2)
+    out: list[Any] = []
+    # The one worker dies (a crash, the OOM killer) while the first window waits behind its job:
+    # a dead worker breaks the whole process pool, so every job the pool held is lost.
+    reasons: list[str] = []
+    assert offload.submit("test", offload_jobs.kill_own_process, 1.0, on_done=lambda r: [],
+                          on_fail=lambda r, d: reasons.append(r) or [])
+    for i, im in enumerate(movie[:10]):
+        out.extend(stage.process(Frame(seq=i, image=im, t_acquired=0.0), Products()))
+    assert offload.in_flight() == 2
+    assert offload.wait_idle(60)
+    out.extend(offload.poll())
+    assert reasons == ["lost"]
+    # The pool was rebuilt: the run goes on and the second window is computed.
+    for i, im in enumerate(movie[10:], start=10):
+        out.extend(stage.process(Frame(seq=i, image=im, t_acquired=0.0), Products()))
+    out.extend(offload.close(60))
+    musical = [(e.topic, e.body.frame_start, getattr(e.body, "reason", None)) for e in out]
+    assert musical == [("musical_skipped", 0, "lost"), ("musical", 10, None)]
+    assert stage.counters()["musical_windows_lost"] == 1 and stage.counters()["musical_windows_done"] == 1
 
 
 def test_stage_bad_input_never_crashes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -535,13 +725,19 @@ def test_stage_bad_input_never_crashes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert stage.counters()["musical_windows_invalid"] == 1
     with pytest.raises(ValueError, match="differs"):
         stage.process(Frame(seq=10, image=np.zeros((13, 12)), t_acquired=0.0), Products())
-    # A worker that raises: a failed, counted window.
+    # A job that raises: a failed, counted window.
     monkeypatch.setattr(mus, "_run_window_job", lambda job: (_ for _ in ()).throw(RuntimeError("boom")))
     stage2 = make_stage(window_frames=10, full_field_every_frames=10)
     movie = blinking_pair(100.0, seed=6, n_frames=10, size=12)[0]
     failed = [e for e in feed(stage2, movie) if e.topic == "musical_skipped"]
     assert failed[0].body.reason == "failed" and "boom" in failed[0].body.detail
     assert stage2.counters()["musical_windows_failed"] == 1
+    # A stage that was never set up says so.
+    config = ScopestreamConfig.model_validate({})
+    bare = MusicalStage(config, MusicalSettings(window_frames=10, full_field_every_frames=10, subpixels=2))
+    with pytest.raises(RuntimeError, match="setup"):
+        for i, im in enumerate(movie):
+            bare.process(Frame(seq=i, image=im, t_acquired=0.0), Products())
 
 
 def test_stage_settings_and_track_limits() -> None:
@@ -646,6 +842,13 @@ def test_cli_writes_one_page_per_window(tmp_path: Path) -> None:
     # No windowing: one image.
     assert _run_cli(["musical", str(src), "--out", str(out), "--subpixels", "2"]) == 0
     assert tifffile.imread(out).shape == (24, 24)
+    # The ports' border rule, same image size.
+    assert _run_cli(["musical", str(src), "--out", str(out), "--subpixels", "2", "--edge", "partial_windows"]) == 0
+    with tifffile.TiffFile(out) as tif:
+        assert json.loads(tif.pages[0].description)["edge"] == "partial_windows"
+        image = tif.asarray()
+    ref_partial = musical_image(stack, subpixels=2, edge="partial_windows").image
+    np.testing.assert_allclose(image, ref_partial.astype(np.float32), rtol=1e-6)
 
 
 def test_cli_bad_input(tmp_path: Path) -> None:

@@ -82,7 +82,7 @@ def test_default_daemon_on_the_simulated_camera_publishes_every_stage(
         "simulation.frame_height_px=64", "simulation.frame_width_px=64", "simulation.n_particles=5",
         "simulation.particle_kind=point", "simulation.states=[Circ]", "simulation.photons_per_frame=3000",
         "musical.window_frames=30", "musical.slide_frames=30", "musical.region_px=15", "musical.subpixels=4",
-        "musical.workers=1", "musical.executor=thread", "musical.skip_when_busy=false",
+        "offload.backend=threads", "musical.skip_when_busy=false",
     )
     assert config.stages == ["frame_stats", "localize", "track", "diffusion", "musical"]
     daemon = Daemon(config)
