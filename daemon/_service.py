@@ -8,11 +8,14 @@ from collections.abc import Sequence
 
 import zmq
 
+from scopestream.daemon._actuators import ActionService, LazyActuators, NoActuators, Trigger
 from scopestream.daemon._config import ScopestreamConfig, stage_plugins
 from scopestream.daemon._control import ControlServer
-from scopestream.daemon._messages import RunStopBody, WelcomeBody
+from scopestream.daemon._curve import ControlSecurity
+from scopestream.daemon._messages import ActionBody, RunStopBody, WelcomeBody
 from scopestream.daemon._metrics import Metrics
 from scopestream.daemon._publish import EventRouter, Sink, ZmqPublisher
+from scopestream.daemon._rules import RulesSink, RunContext
 from scopestream.daemon._runner import Runner, RunnerStatus, new_run_id
 from scopestream.daemon._sources import FrameSource, make_source
 from scopestream.daemon._tables import TableSink
@@ -53,6 +56,7 @@ class Daemon:
         self.metrics_port: int | None = None
         self._ctx = context or zmq.Context.instance()
         self._closables: list[ControlServer] = []
+        self._security: ControlSecurity | None = None
         sinks: list[Sink] = []
         self.publisher: ZmqPublisher | None = None
         self.tables: TableSink | None = None
@@ -71,10 +75,28 @@ class Daemon:
                 tables = {t: f for name in config.stages for t, f in plugins[name].tables.items()}
                 self.tables = TableSink(results_dir, tables)
                 sinks.append(self.tables)
+            source = source or make_source(config)
+            # Actuators come from the source once it is open; actions from clients and rules go
+            # through one service that checks the limits and publishes each on topic `action`.
+            get_actuators = getattr(source, "actuators", None)
+            self.actions = ActionService(
+                LazyActuators(get_actuators if get_actuators is not None else lambda: NoActuators(type(source).__name__)),
+                None, config.limits, self._publish_action,
+            )
+            self.rules: RulesSink | None = None
+            if config.rules:
+                self.rules = RulesSink(config.rules, self.actions, self._rule_context)
+                sinks.append(self.rules)
             self.router = EventRouter(self.run_id, sinks)
-            self.runner = Runner(config, source or make_source(config), self.router, self.metrics)
+            self.runner = Runner(config, source, self.router, self.metrics)
+            self.actions.acquisition = self.runner
             if serve_control:
-                self._closables.append(ControlServer(config.control.endpoint, self.runner, self._ctx))
+                self._security = ControlSecurity(config.control, self._ctx)
+                self._closables.append(ControlServer(
+                    config.control.endpoint, self.runner, self._ctx,
+                    act=self.actions.act, read_only=config.control.read_only,
+                    secure=self._security.apply, on_stop=self.actions.stop_requested.set,
+                ))
             if config.metrics.enabled:
                 self.metrics_port = self.metrics.serve(config.metrics.host, config.metrics.port)
         except BaseException:
@@ -88,6 +110,15 @@ class Daemon:
     @property
     def control_endpoint(self) -> str | None:
         return self._closables[0].endpoint if self._closables else None
+
+    def _publish_action(self, body: ActionBody, trigger: Trigger) -> None:
+        self.router.publish("action", body, frame_seq=trigger.frame_seq, t_acquired=trigger.t_acquired)
+
+    def _rule_context(self) -> RunContext | None:
+        desc = self.runner.source_description
+        if desc is None:
+            return None
+        return RunContext(desc.width_px, desc.height_px, self.config.optics.pixel_size_nm)
 
     def _welcome(self, prefix: str) -> None:
         if self.publisher is not None:
@@ -123,6 +154,9 @@ class Daemon:
         for closable in self._closables:
             closable.close()
         self._closables.clear()
+        if self._security is not None:
+            self._security.close()
+            self._security = None
         for sink in sinks:
             sink.close()
         self.metrics.close()
