@@ -31,6 +31,8 @@ from scipy.special import j1, ndtr
 from scopestream.sim_camera._camera import SimulatedCamera
 from scopestream.sim_camera._settings import Physics
 
+_DEFOCUS_STEP = math.log(1.02)  # defocused PSF widths are rounded to 2 % steps (tables are reused)
+
 
 class _PixelProfile:
     """Pixel-integrated 1-D Gaussian ``g(x) = Φ((x + ½)/σ) − Φ((x − ½)/σ)``, tabulated finely.
@@ -268,15 +270,13 @@ class WidefieldSimulator(SimulatedCamera):
                     value_parts.append(value)
         return np.concatenate(index_parts), np.concatenate(value_parts)
 
-    _DEFOCUS_STEP = math.log(1.02)  # PSF widths are rounded to 2 % steps (tables are reused)
-
     def _defocus_bins(self, z_nm: np.ndarray) -> np.ndarray:
         """Per particle: k such that its PSF sigma is sigma0 * 1.02**k (0 in focus)."""
         dz = np.asarray(z_nm, dtype=np.float64) - self.focus_nm
         if not dz.any():
             return np.zeros(dz.shape, dtype=np.int64)
         growth = 0.5 * np.log1p((dz / self._rayleigh_nm) ** 2)  # log(sigma / sigma0)
-        return np.rint(growth / self._DEFOCUS_STEP).astype(np.int64)
+        return np.rint(growth / _DEFOCUS_STEP).astype(np.int64)
 
     def _half_for(self, b: int) -> int:
         return int(math.ceil(4.5 * self._sigma_px * 1.02**b + 0.5))
