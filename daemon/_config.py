@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from scopestream.daemon._actuators import LimitsConfig
+from scopestream.daemon._rules import RuleCheckError, RuleConfig, check_rules
 from scopestream.daemon._stage import StagePlugin, check_products, installed_stage_plugins
 
 DEFAULT_STAGES: tuple[str, ...] = ("frame_stats", "localize", "track", "diffusion", "musical")
@@ -107,6 +109,15 @@ class EventsConfig(_Section):
 
 class ControlConfig(_Section):
     endpoint: str = Field("tcp://127.0.0.1:5557", description="ZeroMQ REP endpoint for control requests.")
+    read_only: bool = Field(False, description="Refuse 'act' and 'set' (status, pause, resume and stop still work).")
+    curve_server_secret_key_file: str | None = Field(
+        None,
+        description="ZeroMQ CURVE server key pair (a zmq.auth .key_secret file). Required when control.endpoint is not loopback.",
+    )
+    curve_allowed_clients_dir: str | None = Field(
+        None,
+        description="Folder of allowed client public keys (zmq.auth .key files); only these clients are answered. Required with the server key.",
+    )
 
 
 class MetricsConfig(_Section):
@@ -163,6 +174,25 @@ class ScopestreamConfig(BaseModel):
     simulation: dict[str, Any] = Field(
         default_factory=dict, description="Simulated camera parameters (see scopestream.sim_camera)."
     )
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Actuator limits (travel box, largest step, highest rate).")
+    rules: list[RuleConfig] = Field(default_factory=list, description="Declarative rules: when an event matches, do an action.")
+
+    @model_validator(mode="after")
+    def _validate_rules(self) -> ScopestreamConfig:
+        if not self.rules:
+            return self
+        from scopestream.daemon._messages import ENGINE_BODIES
+
+        plugins = _plugins()
+        topic_models = dict(ENGINE_BODIES)
+        for plugin in plugins.values():
+            topic_models.update(plugin.topics)
+        run_topics = [*ENGINE_BODIES, *(t for name in self.stages if name in plugins for t in plugins[name].topics)]
+        try:
+            check_rules(self.rules, topic_models, run_topics)
+        except RuleCheckError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
     @model_validator(mode="after")
     def _validate_stage_sections(self) -> ScopestreamConfig:

@@ -1,8 +1,10 @@
 """The control channel: ZeroMQ REP, one JSON object per request, one JSON object per reply.
 
 Requests: ``{"command": "status"}``, ``pause``, ``resume``, ``stop``,
-``{"command": "set", "key": "dotted.key", "value": ...}``. Every reply has ``ok``; a failure
+``{"command": "set", "key": "dotted.key", "value": ...}``, ``{"command": "act", "action": ...}``
+(carried out by :mod:`scopestream.daemon._actuators`). Every reply has ``ok``; a failure
 carries ``error`` naming the problem. Nothing a client sends can stop the daemon except ``stop``.
+In read-only mode ``act`` and ``set`` are refused.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import zmq
@@ -20,17 +23,34 @@ from scopestream.daemon._runner import Runner
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("status", "pause", "resume", "stop", "set")
+COMMANDS = ("status", "pause", "resume", "stop", "set", "act")
+
+ActHandler = Callable[[Mapping[str, Any]], dict[str, Any]]
 
 
 class ControlServer:
     """Answers control requests on its own thread until closed."""
 
-    def __init__(self, endpoint: str, runner: Runner, context: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        runner: Runner,
+        context: zmq.Context | None = None,
+        *,
+        act: ActHandler | None = None,
+        read_only: bool = False,
+        secure: Callable[[zmq.Socket[bytes]], None] | None = None,
+        on_stop: Callable[[], None] | None = None,
+    ) -> None:
         self._runner = runner
+        self._act = act
+        self._read_only = read_only
+        self._on_stop = on_stop
         self._ctx = context or zmq.Context.instance()
         self._socket = self._ctx.socket(zmq.REP)
         self._socket.setsockopt(zmq.LINGER, 500)
+        if secure is not None:
+            secure(self._socket)  # CURVE server options, before bind
         self.endpoint = bind_socket(self._socket, endpoint, "control channel")
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="scopestream-control", daemon=True)
@@ -69,6 +89,12 @@ class ControlServer:
         if command not in COMMANDS:
             return {"ok": False, "error": f"unknown command {command!r}; commands are {list(COMMANDS)}"}
         runner = self._runner
+        if command in ("act", "set") and self._read_only:
+            return {"ok": False, "error": f"{command} refused: the control channel is read-only (control.read_only)"}
+        if command == "act":
+            if self._act is None:
+                return {"ok": False, "error": "act: this daemon has no actuators"}
+            return self._act(request)
         try:
             if command == "status":
                 return {"ok": True, "status": runner.status().as_dict()}
@@ -79,6 +105,8 @@ class ControlServer:
                 runner.resume()
                 return {"ok": True, "state": runner.state.value}
             if command == "stop":
+                if self._on_stop is not None:
+                    self._on_stop()  # stop always wins over rules and later actions
                 runner.request_stop("stop command on the control channel")
                 return {"ok": True, "state": "stopping"}
             key = request.get("key")

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = "1.0"
 
-ENGINE_TOPICS = ("run_start", "run_stop", "heartbeat", "dropped_frames", "stage_error", "welcome")
+ENGINE_TOPICS = ("run_start", "run_stop", "heartbeat", "dropped_frames", "stage_error", "welcome", "action")
 
 
 class _Frozen(BaseModel):
@@ -120,7 +120,35 @@ class WelcomeBody(_Frozen):
     run_id: str = Field(description="The current run.")
 
 
+class ActionBody(_Frozen):
+    """Published for every actuator action, from a client or a rule, done or refused.
+
+    A run's actions can be replayed from a recording of the stream: ``action`` and ``params`` are
+    the validated request (the same object an ``act`` command takes, less ``command``).
+    """
+
+    action: str = Field(description="The action: move_xy, move_z, set_exposure, set_interval, shutter, pause_acquisition, resume_acquisition, stop_acquisition, run_mda, mark.")
+    params: dict[str, Any] = Field(description="The validated request: 'action' and its parameters (e.g. x_um, y_um, relative).")
+    origin: Literal["client", "rule"] = Field(description="Who asked: a control-channel client or a rule of the configuration.")
+    requested_by: str = Field(description="The client's name (the act request's 'client', default 'control') or the rule's name.")
+    trigger_topic: str | None = Field(None, description="Topic of the event that triggered the action, if any.")
+    trigger_seq: int | None = Field(None, description="That event's per-topic seq.")
+    trigger_frame_seq: int | None = Field(None, description="That event's frame_seq (the camera frame it derives from).")
+    ok: bool = Field(description="True when the actuator did it; False when it was refused or failed (see error).")
+    error: str | None = Field(None, description="Why it was refused or failed (names the limit, the missing actuator, ...).")
+    state: dict[str, Any] | None = Field(None, description="The actuator's state after the action (e.g. x_um, y_um), None when refused.")
+    t_acquired: float | None = Field(None, description="Acquisition time of the triggering frame, Unix s.")
+    t_matched: float = Field(description="When the request was accepted for execution (rule matched / request received), Unix s.")
+    t_called: float | None = Field(None, description="When the actuator was called, Unix s (None when refused before).")
+    t_done: float = Field(description="When the actuator finished (or the request was refused), Unix s.")
+    acquired_to_matched_ms: float | None = Field(None, description="Frame acquired -> rule matched / request received, ms.")
+    acquired_to_called_ms: float | None = Field(None, description="Frame acquired -> actuator called, ms.")
+    acquired_to_done_ms: float | None = Field(None, description="Frame acquired -> actuator done, ms.")
+    actuator_ms: float | None = Field(None, description="Actuator called -> done, ms.")
+
+
 ENGINE_BODIES: dict[str, type[BaseModel]] = {
+    "action": ActionBody,
     "run_start": RunStartBody,
     "run_stop": RunStopBody,
     "heartbeat": HeartbeatBody,

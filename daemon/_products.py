@@ -74,6 +74,8 @@ class FrameStatistics:
         Fraction of pixels at or above ``camera.saturation_adu``.
     nonfinite_fraction
         Fraction of pixels that are NaN or infinite (float frames only).
+    sharpness
+        Brenner focus measure (mean squared difference of pixels two columns apart), ADU².
     """
 
     frame_seq: int
@@ -86,6 +88,7 @@ class FrameStatistics:
     background_adu: float
     saturated_fraction: float
     nonfinite_fraction: float
+    sharpness: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,9 @@ PUBLISHER_QUEUE_MESSAGES = 10_000
 TABLES_QUEUE_MESSAGES = 1_000
 """Messages waiting for the table writer before the publishing thread waits for room."""
 
+RULES_QUEUE_MESSAGES = 1_000
+"""Events waiting for the rules engine before new ones are dropped (and counted): rules never slow the stages."""
+
 
 @dataclass(frozen=True, slots=True)
 class Envelope:

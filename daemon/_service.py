@@ -7,16 +7,20 @@ import time
 
 import zmq
 
+from scopestream.daemon._actuators import ActionService, LazyActuators, NoActuators, Trigger
 from scopestream.daemon._config import ScopestreamConfig, stage_plugins
 from scopestream.daemon._control import ControlServer
-from scopestream.daemon._messages import RunStopBody, WelcomeBody
+from scopestream.daemon._curve import ControlSecurity
+from scopestream.daemon._messages import ActionBody, RunStopBody, WelcomeBody
 from scopestream.daemon._metrics import Metrics
 from scopestream.daemon._publish import (
     PUBLISHER_QUEUE_MESSAGES,
+    RULES_QUEUE_MESSAGES,
     TABLES_QUEUE_MESSAGES,
     EventRouter,
     ZmqPublisher,
 )
+from scopestream.daemon._rules import FieldOfView, RulesSink
 from scopestream.daemon._runner import ExitStatus, Runner, RunnerStatus, new_run_id
 from scopestream.daemon._sources import FrameSource, make_source
 from scopestream.daemon._stage import Offload
@@ -62,6 +66,7 @@ class Daemon:
         self.metrics_port: int | None = None
         self._ctx = context or zmq.Context.instance()
         self._closables: list[ControlServer] = []
+        self._security: ControlSecurity | None = None
         self.publisher: ZmqPublisher | None = None
         self.tables: TableSink | None = None
         self.router = EventRouter(self.run_id, on_sink_failure=self._sink_failed)
@@ -83,9 +88,28 @@ class Daemon:
                 self.tables = TableSink(results_dir, tables)
                 # analyze: a slow writer slows the run down, nothing is lost; without it the run fails.
                 self.router.add_sink("tables", self.tables, TABLES_QUEUE_MESSAGES, "block", required=True)
-            self.runner = Runner(config, source or make_source(config), self.router, self.metrics, offload)
+            source = source or make_source(config)
+            # Actuators come from the source once it is open; actions from clients and rules go
+            # through one service that checks the limits and publishes each on topic `action`.
+            get_actuators = getattr(source, "actuators", None)
+            self.actions = ActionService(
+                LazyActuators(get_actuators if get_actuators is not None else lambda: NoActuators(type(source).__name__)),
+                None, config.limits, self._publish_action,
+            )
+            self.rules: RulesSink | None = None
+            if config.rules:
+                self.rules = RulesSink(config.rules, self.actions, self._rule_context)
+                # Rules never slow the stages: a rules sink that falls behind loses events (counted).
+                self.router.add_sink("rules", self.rules, RULES_QUEUE_MESSAGES, "drop")
+            self.runner = Runner(config, source, self.router, self.metrics, offload)
+            self.actions.acquisition = self.runner
             if serve_control:
-                self._closables.append(ControlServer(config.control.endpoint, self.runner, self._ctx))
+                self._security = ControlSecurity(config.control, self._ctx)
+                self._closables.append(ControlServer(
+                    config.control.endpoint, self.runner, self._ctx,
+                    act=self.actions.act, read_only=config.control.read_only,
+                    secure=self._security.apply, on_stop=self.actions.stop_requested.set,
+                ))
             if config.metrics.enabled:
                 self.metrics_port = self.metrics.serve(config.metrics.host, config.metrics.port)
         except BaseException:
@@ -99,6 +123,15 @@ class Daemon:
     @property
     def control_endpoint(self) -> str | None:
         return self._closables[0].endpoint if self._closables else None
+
+    def _publish_action(self, body: ActionBody, trigger: Trigger) -> None:
+        self.router.publish("action", body, frame_seq=trigger.frame_seq, t_acquired=trigger.t_acquired)
+
+    def _rule_context(self) -> FieldOfView | None:
+        desc = self.runner.source_description
+        if desc is None:
+            return None
+        return FieldOfView(desc.width_px, desc.height_px, self.config.optics.pixel_size_nm)
 
     def _welcome(self, prefix: str) -> None:
         self.router.publish("welcome", WelcomeBody(subscription=prefix, run_id=self.run_id))
@@ -137,6 +170,9 @@ class Daemon:
         for closable in self._closables:
             closable.close()
         self._closables.clear()
+        if self._security is not None:
+            self._security.close()
+            self._security = None
         self.router.close()
         if self.publisher is not None and not self.router.sinks:  # failed before it was attached
             self.publisher.close()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from scopestream.daemon._actuators import ActionError, Actuators, MicroManagerActuators, NoActuators
 from scopestream.daemon._config import ConfigError, ScopestreamConfig, config_to_dict
 from scopestream.daemon._errors import InputError
 from scopestream.daemon._messages import SourceDescription
@@ -232,6 +233,66 @@ class MicroManagerSource:
         if self._core is not None:
             _release(self._core)
             self._core = None
+
+    # actuators ---------------------------------------------------------------------------
+    def actuators(self) -> Actuators:
+        """The core's stages, shutter and camera settings (after :meth:`open`)."""
+        assert self._core is not None, "open() first"
+        burst = self.run_mda_burst if self._config.source.mode == "continuous" else None
+        return MicroManagerActuators(self._core, burst)
+
+    def run_mda_burst(self, sequence: Mapping[str, Any]) -> dict[str, Any]:
+        """Pause continuous acquisition, run ``sequence`` (a useq.MDASequence as a mapping) at the
+        current position with its frames delivered to the sink, restore XY and Z, resume.
+
+        Blocks until the sequence has run. Frames are snapped one by one (no hardware
+        sequencing), so the circular buffer stays the continuous drain's alone.
+        """
+        import useq
+
+        core = self._core
+        if core is None or self._sink is None:
+            raise ActionError("run_mda: the source is not acquiring")
+        if self._stop.is_set():
+            raise ActionError("run_mda: the acquisition is stopping")
+        seq = useq.MDASequence.model_validate(dict(sequence))
+        was_paused = self._paused.is_set()
+        self._paused.set()
+        deadline = time.monotonic() + 5.0
+        while core.isSequenceRunning() and time.monotonic() < deadline:  # the drain stops it
+            time.sleep(0.001)
+        xy_label, z_label = core.getXYStageDevice(), core.getFocusDevice()
+        xy = core.getXYPosition() if xy_label else None
+        z = core.getPosition() if z_label else None
+        engine = core.mda.engine
+        hw = getattr(engine, "use_hardware_sequencing", None)
+        delivered = 0
+
+        def on_frame(image: np.ndarray, event: Any, meta: Any) -> None:
+            nonlocal delivered
+            assert self._sink is not None
+            delivered += 1
+            index = dict(getattr(event, "index", {}) or {})
+            self._sink.deliver(np.asarray(image), time.time(), None, {"mda_index": index, "mda_burst": True})
+
+        core.mda.events.frameReady.connect(on_frame)
+        try:
+            if hw is not None:
+                engine.use_hardware_sequencing = False  # type: ignore[union-attr]
+            if not core.getShutterDevice():
+                core.setAutoShutter(False)
+            core.mda.run(seq)
+        finally:
+            core.mda.events.frameReady.disconnect(on_frame)
+            if hw is not None:
+                engine.use_hardware_sequencing = hw  # type: ignore[union-attr]
+            if xy is not None:
+                core.setXYPosition(xy_label, *xy)
+            if z is not None:
+                core.setPosition(z_label, z)
+            if not was_paused:
+                self._paused.clear()
+        return {"events": sum(1 for _ in seq), "frames_delivered": delivered, "acquisition": "paused" if was_paused else "running"}
 
     # continuous --------------------------------------------------------------------------
     def _start_sequence(self) -> None:
@@ -475,6 +536,10 @@ class FileSource:
 
     def set_exposure_ms(self, exposure_ms: float) -> None:
         raise ValueError("a recorded file has no exposure to change")
+
+    def actuators(self) -> Actuators:
+        """None: a recorded file has no hardware to drive."""
+        return NoActuators(f"recorded file {self.path.name!r}")
 
     def stop(self) -> None:
         self._stop.set()

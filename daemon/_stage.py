@@ -86,9 +86,13 @@ class Offload(Protocol):
         *args: Any,
         on_done: Callable[[R], Sequence[Emission]],
         on_fail: Callable[[str, str], Sequence[Emission]],
+        max_in_flight: int | None = None,
+        block: bool = False,
     ) -> bool:
         """Start ``fn(*args)`` for stage ``owner``; False when busy (nothing started: the stage
-        counts the skip and publishes its own skip event)."""
+        counts the skip and publishes its own skip event). ``max_in_flight`` bounds this owner's
+        jobs in flight; ``block`` waits for room instead of skipping (replay, where nothing may be
+        lost)."""
         ...
 
     def poll(self) -> list[Emission]:
@@ -97,6 +101,15 @@ class Offload(Protocol):
 
     def counters(self, owner: str) -> Mapping[str, int]:
         """Running totals for stage ``owner`` (submitted, done, failed, busy, in flight)."""
+        ...
+
+    def in_flight(self, owner: str | None = None) -> int:
+        """Jobs submitted and not yet delivered (of ``owner``, or all)."""
+        ...
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` began: later submissions are refused."""
         ...
 
     def close(self, timeout_s: float | None = None) -> list[Emission]:

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -22,6 +23,7 @@ from types import TracebackType
 from typing import Any
 
 import zmq
+import zmq.auth as zmq_auth
 
 from scopestream.daemon._messages import Message, WireError, decode
 
@@ -138,17 +140,41 @@ class ControlError(RuntimeError):
 
 
 class ControlClient:
-    """Send control requests (REQ) to a daemon's ``control.endpoint``."""
+    """Send control requests (REQ) to a daemon's ``control.endpoint``.
 
-    def __init__(self, endpoint: str = "tcp://127.0.0.1:5557", context: zmq.Context | None = None, timeout_s: float = 5.0) -> None:
+    For a daemon that requires CURVE (control bound to a non-loopback address), give the server's
+    public key (``curve_server_key``, z85 bytes, e.g. from ``zmq.auth.load_certificate("server.key")``)
+    and this client's key pair (``curve_client_key_file``, a ``.key_secret`` file whose public key
+    the daemon allows).
+    """
+
+    def __init__(
+        self,
+        endpoint: str = "tcp://127.0.0.1:5557",
+        context: zmq.Context | None = None,
+        timeout_s: float = 5.0,
+        *,
+        curve_server_key: bytes | None = None,
+        curve_client_key_file: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._ctx = context or zmq.Context.instance()
+        self._curve: tuple[bytes, bytes, bytes] | None = None
+        if curve_server_key is not None or curve_client_key_file is not None:
+            if curve_server_key is None or curve_client_key_file is None:
+                raise ValueError("CURVE needs both curve_server_key and curve_client_key_file")
+            public, secret = zmq_auth.load_certificate(curve_client_key_file)
+            if not secret:
+                raise ValueError(f"{curve_client_key_file}: no secret key (use the .key_secret file)")
+            self._curve = (curve_server_key, public, secret)
         self._socket = self._new_socket()
 
     def _new_socket(self) -> zmq.Socket[Any]:
         sock = self._ctx.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self._curve
         sock.connect(self.endpoint)
         return sock
 
@@ -175,6 +201,11 @@ class ControlClient:
 
     def set(self, key: str, value: Any) -> Any:
         return self.request("set", key=key, value=value)["value"]
+
+    def act(self, action: str, **params: Any) -> dict[str, Any]:
+        """Drive an actuator (``act``): e.g. ``act("move_xy", x_um=1.0, y_um=0.0)``; returns the
+        reply (``ok``, ``state``, ``t_done``) and raises ControlError when refused."""
+        return self.request("act", action=action, **params)
 
     def close(self) -> None:
         self._socket.close(0)

@@ -45,6 +45,11 @@ class FrameStatsBody(BaseModel):
     background_adu: float = Field(description="Background estimate: the configured percentile of the pixel values, ADU.")
     saturated_fraction: float = Field(description="Fraction of pixels at or above camera.saturation_adu.")
     nonfinite_fraction: float = Field(description="Fraction of pixels that are NaN or infinite (float frames only).")
+    sharpness: float = Field(
+        0.0,
+        description="Brenner focus measure: mean squared difference of pixels two columns apart, on every "
+        "sample_stride_px-th row, ADU^2 (falls as the image blurs; compare with its own earlier values).",
+    )
 
 
 class FrameStatsStage:
@@ -80,6 +85,9 @@ class FrameStatsStage:
         if nonfinite:
             sample = sample[np.isfinite(sample)]
         background = float(np.percentile(sample, self._settings.background_percentile)) if sample.size else float(np.percentile(values, self._settings.background_percentile))
+        rows = image[::stride].astype(np.float32)
+        diff = rows[:, 2:] - rows[:, :-2]
+        sharpness = float(np.nanmean(diff * diff)) if diff.size else 0.0
         stats = FrameStatistics(
             frame_seq=frame.seq,
             camera_image_number=frame.camera_image_number,
@@ -91,6 +99,7 @@ class FrameStatsStage:
             background_adu=background,
             saturated_fraction=float(np.count_nonzero(values >= self._saturation_adu)) / image.size,
             nonfinite_fraction=nonfinite / image.size,
+            sharpness=sharpness,
         )
         products.put(stats)
         body = FrameStatsBody(**vars(stats))  # the same fields, by design

@@ -56,7 +56,7 @@ from scopestream.plugins._musical_core import (
 )
 
 if TYPE_CHECKING:
-    from scopestream.daemon._offload import Offload
+    from scopestream.daemon._stage import Offload
 
 __all__ = [
     "MIN_WINDOW_FRAMES",

@@ -42,6 +42,7 @@ class SimulatedCamera:
         self.frame_index = 0
         self.next_frame_start_ms = 0.0
         self.last_saturated_px = 0
+        self.focus_nm = 0.0
 
     def set_stage_position_nm(self, x_nm: float, y_nm: float) -> None:
         """Move the field of view: its top-left corner goes to world (x_nm, y_nm).
@@ -50,6 +51,11 @@ class SimulatedCamera:
         of view are replaced by new ones.
         """
         self.scene.origin_nm = (float(x_nm), float(y_nm))
+
+    def set_focus_nm(self, z_nm: float) -> None:
+        """Move the focal plane to world z = ``z_nm`` (a focus / Z stage); takes effect at the next
+        frame. A particle at z is imaged with defocus ``z - z_nm``."""
+        self.focus_nm = float(z_nm)
 
     @property
     def exposure_ms(self) -> float:

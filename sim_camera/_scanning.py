@@ -11,7 +11,8 @@ different times, and a moving emitter is sheared and stretched by the scan.
 
 Expected photons in a pixel: background plus, for every fluorophore that is on, ``peak *
 exp(-(dx² + dy²) / (2 σxy²) - dz² / (2 σz²))`` with (dx, dy, dz) the emitter's offset from the
-beam focus at that pixel's dwell time (3-D Gaussian excitation PSF). The peak is set so that a
+beam focus at that pixel's dwell time (3-D Gaussian excitation PSF; the focal plane sits at
+``focus_nm``, the Z stage's position). The peak is set so that a
 stationary in-focus particle sends ``photons_per_frame`` photons in total over the frame (``peak =
 photons_per_frame / (fluorophores * 2π (σxy / pixel)²)``). Counts go through the camera noise model
 (Poisson shot noise first).
@@ -136,7 +137,7 @@ class ScanningSimulator(SimulatedCamera):
                 cols = c0[:, None] + win  # (n, K)
                 dx = (path[:, None, :, 0] + off[:, :, None, 0] - ox) / a - 0.5 - cols[:, None, :]
                 dy = (path[:, None, :, 1] + off[:, :, None, 1] - oy) / a - 0.5 - r
-                dz = path[:, None, :, 2] + off[:, :, None, 2]
+                dz = path[:, None, :, 2] + off[:, :, None, 2] - self.focus_nm
                 excitation = np.exp(
                     -(dx * dx + dy * dy) / (2.0 * sigma2) - (dz * dz) / (2.0 * self._sigma_z_nm**2)
                 )

@@ -92,7 +92,7 @@ class SimulationSettings(BaseModel):
     z_diffusion: bool | None = Field(
         None,
         description="Brownian states also diffuse along z (3-D). None: 3-D for the scanning camera, "
-        "2-D for the widefield camera (whose Gaussian PSF ignores z).",
+        "2-D for the widefield camera (whose Gaussian PSF widens with defocus, see psf_rayleigh_nm).",
     )
 
     # -- motion states ----------------------------------------------------------------------
@@ -149,6 +149,12 @@ class SimulationSettings(BaseModel):
     psf_sigma_nm: float | None = Field(
         None, gt=0, allow_inf_nan=False,
         description="Gaussian PSF standard deviation, nm; None: 0.21 * wavelength / NA.",
+    )
+    psf_rayleigh_nm: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="Defocus of the Gaussian widefield PSF: sigma(dz) = sigma0 * sqrt(1 + (dz / z_R)^2) with dz the "
+        "particle's distance from the focal plane; this is z_R, nm. None: 4 pi sigma0^2 n / wavelength (a Gaussian "
+        "beam of waist 2 sigma0), n = 1.515 (oil) for NA > 1.33, 1.33 (water) for NA > 1, else 1.",
     )
     substeps_per_exposure: int = Field(
         4, ge=1, le=64, description="Positions and photophysics sampled this many times per exposure (motion blur)."
@@ -236,6 +242,14 @@ class Physics:
         if self.sim.psf_sigma_nm is not None:
             return self.sim.psf_sigma_nm
         return 0.21 * self.wavelength_nm / self.na
+
+    @property
+    def psf_rayleigh_nm(self) -> float:
+        """Defocus length z_R of the Gaussian widefield PSF, nm (see ``SimulationSettings.psf_rayleigh_nm``)."""
+        if self.sim.psf_rayleigh_nm is not None:
+            return self.sim.psf_rayleigh_nm
+        n = 1.515 if self.na > 1.33 else 1.33 if self.na > 1.0 else 1.0
+        return 4.0 * math.pi * self.psf_sigma_nm**2 * n / self.wavelength_nm
 
     @property
     def line_period_ms(self) -> float:

@@ -8,13 +8,16 @@ by the PSF. So a moving particle is blurred along its path and a blinking one di
 
 PSF:
 
-- ``gaussian`` (default): sigma = 0.21 λ/NA (or ``psf_sigma_nm``), integrated exactly over each
+- ``gaussian`` (default): sigma = 0.21 λ/NA (or ``psf_sigma_nm``) in focus, widened by defocus
+  ``dz`` (the particle's z minus the focal plane, set by the Z stage) as sigma0 sqrt(1 + (dz/z_R)²)
+  (``psf_rayleigh_nm``; sigma is rounded to steps of 2 % to reuse tables), integrated exactly over each
   pixel as a product of per-axis differences of the normal CDF (erf). Rendering is separable: for
   each particle, one small patch covering its whole path is the matrix product of the per-axis
   profiles of its emitters (fluorophores x sub-steps), weighted by their photons.
 - ``airy``: (2 J1(v)/v)² with v = 2π NA r / λ, integrated over each pixel numerically (8x8 samples)
   for 17x17 sub-pixel emitter positions, interpolated bilinearly between them, truncated at three
-  dark rings and renormalized so that all of an emitter's photons land in the image.
+  dark rings and renormalized so that all of an emitter's photons land in the image. It is the
+  in-focus PSF: defocus is not modelled for it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from scipy.special import j1, ndtr
 
 from scopestream.sim_camera._camera import SimulatedCamera
 from scopestream.sim_camera._settings import Physics
+
+_DEFOCUS_STEP = math.log(1.02)  # defocused PSF widths are rounded to 2 % steps (tables are reused)
 
 
 class _PixelProfile:
@@ -151,6 +156,8 @@ class WidefieldSimulator(SimulatedCamera):
         # Patches reach 4.5 sigma past the emitter's pixel edge: the PSF mass left out is < 1e-5.
         self._half_px = int(math.ceil(4.5 * self._sigma_px + 0.5))
         self._profile = _PixelProfile(self._sigma_px) if self._airy is None else None
+        self._rayleigh_nm = physics.psf_rayleigh_nm
+        self._defocus_profiles: dict[int, tuple[_PixelProfile, int]] = {}
 
     @property
     def exposure_ms(self) -> float:
@@ -210,18 +217,19 @@ class WidefieldSimulator(SimulatedCamera):
             photons=photons,
         )
 
-        index, photons_px = self._render(w, cx, cy)
+        index, photons_px = self._render(w, cx, cy, truth["z"])
         return self._finish_sparse(index, photons_px, t0, out), truth
 
     def _render(
-        self, w: np.ndarray, cx: np.ndarray, cy: np.ndarray
+        self, w: np.ndarray, cx: np.ndarray, cy: np.ndarray, z_nm: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Expected signal photons: flat pixel indices and photons, one entry per pixel of each
         particle's patch (a pixel under overlapping patches appears once per patch)."""
         scene = self.scene
         h_img, w_img = self.shape
         a = self.physics.pixel_size_nm
-        half = self._airy.half_px if self._airy is not None else self._half_px
+        bins = self._defocus_bins(z_nm) if self._airy is None else np.zeros(len(z_nm), dtype=np.int64)
+        half = self._airy.half_px if self._airy is not None else max(self._half_for(int(bins.max(initial=0))), self._half_px)
         rad_px = 0.5 * scene.diameter_nm / a
         x_lo, x_hi = cx.min(axis=1) - rad_px, cx.max(axis=1) + rad_px
         y_lo, y_hi = cy.min(axis=1) - rad_px, cy.max(axis=1) + rad_px
@@ -241,22 +249,49 @@ class WidefieldSimulator(SimulatedCamera):
             return self._airy.render(ex.ravel(), ey.ravel(), we.ravel(), self.shape)
 
         # Patch size follows the longest path; group particles by extent so that a few fast
-        # ones do not make every patch large.
+        # ones do not make every patch large. Defocused particles are grouped by PSF width.
         extent = np.maximum(
             np.floor(x_hi[keep] + 0.5) - np.floor(x_lo[keep] + 0.5),
             np.floor(y_hi[keep] + 0.5) - np.floor(y_lo[keep] + 0.5),
         )
         small = extent <= max(float(np.sort(extent)[(3 * len(extent)) // 4]), 1.0)
+        kept_bins = bins[keep]
         index_parts, value_parts = [], []
-        for group in (np.flatnonzero(small), np.flatnonzero(~small)):
-            if group.size:
-                index, value = self._render_gaussian(
-                    ex[group], ey[group], we[group], x_lo[keep][group], x_hi[keep][group],
-                    y_lo[keep][group], y_hi[keep][group], half,
-                )
-                index_parts.append(index)
-                value_parts.append(value)
+        for b in np.unique(kept_bins):
+            profile, half_b = self._profile_for(int(b))
+            in_bin = kept_bins == b
+            for group in (np.flatnonzero(small & in_bin), np.flatnonzero(~small & in_bin)):
+                if group.size:
+                    index, value = self._render_gaussian(
+                        ex[group], ey[group], we[group], x_lo[keep][group], x_hi[keep][group],
+                        y_lo[keep][group], y_hi[keep][group], half_b, profile,
+                    )
+                    index_parts.append(index)
+                    value_parts.append(value)
         return np.concatenate(index_parts), np.concatenate(value_parts)
+
+    def _defocus_bins(self, z_nm: np.ndarray) -> np.ndarray:
+        """Per particle: k such that its PSF sigma is sigma0 * 1.02**k (0 in focus)."""
+        dz = np.asarray(z_nm, dtype=np.float64) - self.focus_nm
+        if not dz.any():
+            return np.zeros(dz.shape, dtype=np.int64)
+        growth = 0.5 * np.log1p((dz / self._rayleigh_nm) ** 2)  # log(sigma / sigma0)
+        return np.rint(growth / _DEFOCUS_STEP).astype(np.int64)
+
+    def _half_for(self, b: int) -> int:
+        return int(math.ceil(4.5 * self._sigma_px * 1.02**b + 0.5))
+
+    def _profile_for(self, b: int) -> tuple[_PixelProfile, int]:
+        """The pixel profile and patch half-width for defocus bin ``b`` (cached)."""
+        if b == 0:
+            assert self._profile is not None
+            return self._profile, self._half_px
+        cached = self._defocus_profiles.get(b)
+        if cached is None:
+            if len(self._defocus_profiles) >= 64:
+                self._defocus_profiles.pop(next(iter(self._defocus_profiles)))
+            cached = self._defocus_profiles[b] = (_PixelProfile(self._sigma_px * 1.02**b), self._half_for(b))
+        return cached
 
     def _render_gaussian(
         self,
@@ -268,16 +303,16 @@ class WidefieldSimulator(SimulatedCamera):
         y_lo: np.ndarray,
         y_hi: np.ndarray,
         half: int,
+        profile: _PixelProfile,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Pixel-integrated Gaussian patches, one per particle: flat pixel indices and photons."""
         h_img, w_img = self.shape
-        assert self._profile is not None
         c0 = np.floor(x_lo + 0.5).astype(np.int64) - half
         r0 = np.floor(y_lo + 0.5).astype(np.int64) - half
         pw = int((np.floor(x_hi + 0.5) - np.floor(x_lo + 0.5)).max()) + 2 * half + 1
         ph = int((np.floor(y_hi + 0.5) - np.floor(y_lo + 0.5)).max()) + 2 * half + 1
-        prof_x = self._profile.profiles(ex - c0[:, None], pw)  # (n, emitters, pw)
-        prof_y = self._profile.profiles(ey - r0[:, None], ph)
+        prof_x = profile.profiles(ex - c0[:, None], pw)  # (n, emitters, pw)
+        prof_y = profile.profiles(ey - r0[:, None], ph)
         patch = np.matmul((prof_y * we[:, :, None].astype(np.float32)).transpose(0, 2, 1), prof_x)  # (n, ph, pw)
         flat = (r0 * w_img + c0)[:, None] + (np.arange(ph)[:, None] * w_img + np.arange(pw)).ravel()
         if r0.min() >= 0 and c0.min() >= 0 and (r0 + ph).max() <= h_img and (c0 + pw).max() <= w_img:

@@ -15,8 +15,14 @@ Devices
     period`` (absolute deadlines, no drift; the period is the frame interval, at least the
     exposure; for the scanning camera the frame scan time). The scene carries on across sequences
     and snaps; simulation time advances one frame period per frame whatever the wall clock does.
+:class:`SimulatedZStage`
+    A focus (Z) stage. The cameras follow every ``stagePositionChanged`` event of their core
+    (from this stage or any other Z stage the core drives): the focal plane
+    sits at world z = the stage position, and a particle at defocus dz is imaged with a PSF of
+    sigma0 sqrt(1 + (dz / z_R)²) (widefield; ``simulation.psf_rayleigh_nm``) or excited less
+    (scanning, the axial excitation profile). Travel ±100 µm (a piezo objective drive).
 :class:`SimulatedXYStage`
-    An XY stage. Moving it moves the field of view over the simulated sample: the camera follows
+    An XY stage (travel ±10 mm, reported in the properties ``TravelXMinUm`` ... ``TravelYMaxUm``). Moving it moves the field of view over the simulated sample: the camera follows
     every ``XYStagePositionChanged`` event of its core (from this stage or any other XY stage the
     core drives), so a particle at world position X appears at column ``(X - stage_x) /
     pixel_size - 0.5``: moving the stage by +1 µm moves the image content by -1000 / pixel_size_nm px.
@@ -29,6 +35,9 @@ Camera properties
     Setting it validates everything (an error names the key) and rebuilds the scene.
 ``Seed`` (integer)
     Random seed; setting it rebuilds the scene. Same JSON and seed, same frames and truth.
+``FrameIntervalMs`` (widefield)
+    Time from one frame's start to the next, ms (at least the exposure); the rate switch of
+    event-driven acquisition. Takes effect at the next frame.
 ``Exposure``
     Widefield: exposure in ms (the frame interval stretches to at least the exposure; the scene
     carries on). Scanning: the frame scan time, fixed by the scan settings (setting it is
@@ -65,7 +74,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
-from pymmcore_plus.experimental.unicore import CameraDevice, XYStageDevice
+from pymmcore_plus.experimental.unicore import CameraDevice, StageDevice, XYStageDevice
 
 from scopestream.daemon._config import ConfigError, build_config
 from scopestream.sim_camera._scanning import ScanningSimulator
@@ -81,6 +90,7 @@ __all__ = [
     "SimulatedScanningCamera",
     "SimulatedWidefieldCamera",
     "SimulatedXYStage",
+    "SimulatedZStage",
     "simulated_device",
 ]
 
@@ -112,6 +122,7 @@ class _SimulatedCamera(CameraDevice):
         self._settings_json = "{}"
         self._seed = 0
         self._stage_um = (0.0, 0.0)
+        self._focus_um = 0.0
         self.truth_queue: deque[tuple[int, np.ndarray]] = deque(maxlen=self.truth_queue_frames)
         self._sections: dict[str, Any] = {}
         self._simulator: WidefieldSimulator | ScanningSimulator = self._build({})
@@ -136,6 +147,7 @@ class _SimulatedCamera(CameraDevice):
         else:
             simulator = WidefieldSimulator(physics, self._seed)
         simulator.set_stage_position_nm(self._stage_um[0] * 1000.0, self._stage_um[1] * 1000.0)
+        simulator.set_focus_nm(self._focus_um * 1000.0)
         return simulator
 
     def _rebuild(self, sections: Mapping[str, Any]) -> None:
@@ -177,16 +189,26 @@ class _SimulatedCamera(CameraDevice):
     # -- lifecycle ---------------------------------------------------------------------------
 
     def initialize(self) -> None:
-        """Follow the core's XY stage moves."""
+        """Follow the core's XY and focus stage moves."""
         signal = self.core.events.XYStagePositionChanged
         cast("Any", signal).connect(self._on_stage_moved)
+        cast("Any", self.core.events.stagePositionChanged).connect(self._on_focus_moved)
 
     def shutdown(self) -> None:
-        """Stop following the stage."""
-        try:
-            cast("Any", self.core.events.XYStagePositionChanged).disconnect(self._on_stage_moved)
-        except Exception:  # noqa: BLE001 - not connected, or the core is already gone
-            pass
+        """Stop following the stages."""
+        for signal, slot in ((self.core.events.XYStagePositionChanged, self._on_stage_moved),
+                             (self.core.events.stagePositionChanged, self._on_focus_moved)):
+            try:
+                cast("Any", signal).disconnect(slot)
+            except Exception:  # noqa: BLE001 - not connected, or the core is already gone
+                pass
+
+    def _on_focus_moved(self, label: str, z_um: float) -> None:
+        # Every Z stage of the core moves the focal plane (as every XY stage moves the field);
+        # the device's core proxy cannot tell which one is the focus device.
+        self._focus_um = float(z_um)
+        with self._sim_lock:
+            self._simulator.set_focus_nm(float(z_um) * 1000.0)
 
     def _on_stage_moved(self, label: str, x_um: float, y_um: float) -> None:
         self._stage_um = (float(x_um), float(y_um))
@@ -272,6 +294,22 @@ class SimulatedWidefieldCamera(_SimulatedCamera):
 
     _KIND = "widefield"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_property(
+            "FrameIntervalMs", default_value=10.0, property_type=float, limits=(0.01, 1e6),
+            getter=type(self)._get_frame_interval_ms, setter=type(self)._set_frame_interval_ms,
+        )
+
+    def _get_frame_interval_ms(self) -> float:
+        return float(self._simulator.physics.frame_interval_ms)
+
+    def _set_frame_interval_ms(self, value: float) -> None:
+        with self._sim_lock:
+            simulator = self._simulator
+            assert isinstance(simulator, WidefieldSimulator)
+            simulator.set_timing(simulator.exposure_ms, float(value))
+
     def get_exposure(self) -> float:
         """Exposure time, ms."""
         return float(self._simulator.exposure_ms)
@@ -310,10 +348,15 @@ class SimulatedXYStage(XYStageDevice):
     physical one, which the cameras rely on.
     """
 
+    TRAVEL_UM = 10_000.0
+
     def __init__(self) -> None:
         super().__init__()
         self._x_um = 0.0
         self._y_um = 0.0
+        for name, value in (("TravelXMinUm", -self.TRAVEL_UM), ("TravelXMaxUm", self.TRAVEL_UM),
+                            ("TravelYMinUm", -self.TRAVEL_UM), ("TravelYMaxUm", self.TRAVEL_UM)):
+            self.register_property(name, default_value=value, property_type=float, is_read_only=True)
 
     def set_position_um(self, x: float, y: float) -> None:
         """Move to (x, y) µm and tell the core (and so the cameras)."""
@@ -342,3 +385,41 @@ class SimulatedXYStage(XYStageDevice):
     def set_origin_y(self) -> None:
         """Not supported."""
         raise NotImplementedError("SimulatedXYStage cannot zero its origin")
+
+
+class SimulatedZStage(StageDevice):
+    """A focus (Z) stage for the simulated cameras (positions in µm, travel ±100 µm).
+
+    Moves are instantaneous; the cameras follow it when it is the core's focus device.
+    """
+
+    TRAVEL_UM = 100.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._z_um = 0.0
+        self.register_property("TravelMinUm", default_value=-self.TRAVEL_UM, property_type=float, is_read_only=True)
+        self.register_property("TravelMaxUm", default_value=self.TRAVEL_UM, property_type=float, is_read_only=True)
+
+    def set_position_um(self, val: float) -> None:
+        """Move to z µm and tell the core (and so the cameras)."""
+        z = float(val)
+        if not -self.TRAVEL_UM <= z <= self.TRAVEL_UM:
+            raise ValueError(f"SimulatedZStage: {z} µm is outside its travel ±{self.TRAVEL_UM:g} µm")
+        self._z_um = z
+        self.core.events.stagePositionChanged.emit(self.get_label(), self._z_um)
+
+    def get_position_um(self) -> float:
+        """Current z, µm."""
+        return self._z_um
+
+    def home(self) -> None:
+        """Go to 0."""
+        self.set_position_um(0.0)
+
+    def stop(self) -> None:
+        """Moves are instantaneous; nothing to stop."""
+
+    def set_origin(self) -> None:
+        """Not supported (the cameras need physical positions)."""
+        raise NotImplementedError("SimulatedZStage cannot zero its origin")

@@ -1,0 +1,244 @@
+"""Follow a particle with the XY stage: pick the track nearest the field's centre and keep it there.
+
+Runs against a scopestream daemon (events + control)::
+
+    python examples/follow_particle.py --events tcp://127.0.0.1:5556 --control tcp://127.0.0.1:5557
+
+How it works, per ``track`` event:
+
+1. The followed particle's image position gives its offset from the centre, µm.
+2. Moves sent after the frame was exposed are not in it yet (a camera delivers a frame about one
+   period after it was taken): their sum is added back (a Smith predictor), so one error is not
+   corrected twice. That gives the particle's position in stage coordinates.
+3. Its velocity is estimated from those positions (exponential average), and the stage is sent
+   to where the particle will be when the move shows: ``lead_frames`` frame periods ahead.
+
+Each move is an ``act`` request with the triggering event (topic, seq, frame, acquisition time), so
+the daemon's ``action`` events carry the frame -> action latency of the client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from scopestream.client import ControlClient, ControlError, Message, Subscriber
+
+
+@dataclass
+class FollowerState:
+    """What the follower knows: the target, the stage, the moves not yet seen, the velocity."""
+
+    particle: int | None = None
+    stage_um: tuple[float, float] = (0.0, 0.0)
+    pending: deque[tuple[float, float, float]] = field(default_factory=deque)  # (t_done, dx_um, dy_um)
+    last_world: tuple[float, float, float] | None = None  # (t_acquired, x_um, y_um)
+    velocity_um_per_s: tuple[float, float] = (0.0, 0.0)
+    velocity_sq: tuple[float, float] = (0.0, 0.0)  # running mean of squared samples (noise)
+    missing: int = 0
+
+
+class ParticleFollower:
+    """Turns ``track`` events into XY moves that keep one particle at the centre of the image.
+
+    Parameters
+    ----------
+    width_px, height_px
+        Image size (from ``run_start.source``).
+    pixel_size_nm
+        Pixel size in the sample (``optics.pixel_size_nm``).
+    frame_period_s
+        Time between frames.
+    lead_frames
+        How many frame periods after a frame the stage move shows in the image (render and
+        pipeline delay); the move aims where the particle will be then.
+    velocity_smoothing
+        Weight of a new velocity sample in the exponential average (0 disables prediction).
+    reacquire_after
+        Events without the followed particle before the nearest one to the centre is taken.
+    reassociate_px
+        When the followed track ends (a big move breaks the tracker's link), a row this close to
+        where the particle should appear is taken as the same particle.
+    """
+
+    def __init__(
+        self,
+        width_px: int,
+        height_px: int,
+        pixel_size_nm: float,
+        frame_period_s: float,
+        lead_frames: float = 2.0,
+        velocity_smoothing: float = 0.1,
+        reacquire_after: int = 5,
+        reassociate_px: float = 6.0,
+    ) -> None:
+        self.centre_px = ((width_px - 1) / 2.0, (height_px - 1) / 2.0)
+        self.px_um = pixel_size_nm / 1000.0
+        self.period_s = frame_period_s
+        self.lead_frames = lead_frames
+        self.alpha = velocity_smoothing
+        self.reacquire_after = reacquire_after
+        self.reassociate_px = reassociate_px
+        self.state = FollowerState()
+
+    def moved(self, dx_um: float, dy_um: float, t_done: float, stage_um: tuple[float, float]) -> None:
+        """Record a move the daemon carried out."""
+        self.state.pending.append((t_done, dx_um, dy_um))
+        self.state.stage_um = stage_um
+
+    def step(self, msg: Message) -> tuple[float, float] | None:
+        """The relative move (dx_um, dy_um) this ``track`` event asks for, or None."""
+        st = self.state
+        particles = np.asarray(msg.arrays.get("particle", np.empty(0)))
+        if particles.size == 0:
+            return None
+        x = np.asarray(msg.arrays["x"], dtype=np.float64)
+        y = np.asarray(msg.arrays["y"], dtype=np.float64)
+        t_acq = msg.header.t_acquired or time.time()
+        # Moves done after this frame was exposed (about one period before delivery) are not in it.
+        exposed = t_acq - self.period_s
+        while st.pending and st.pending[0][0] < exposed:
+            st.pending.popleft()
+        unseen_x = sum(p[1] for p in st.pending)
+        unseen_y = sum(p[2] for p in st.pending)
+        seen_stage = (st.stage_um[0] - unseen_x, st.stage_um[1] - unseen_y)
+        hit = np.flatnonzero(particles == st.particle) if st.particle is not None else np.empty(0, dtype=np.int64)
+        if hit.size == 0 and st.last_world is not None:
+            # A big stage move makes the tracker start a new track for the same particle: take
+            # the row nearest where the particle should appear, if it is close enough.
+            dt = t_acq - st.last_world[0]
+            ex = self.centre_px[0] + (st.last_world[1] + st.velocity_um_per_s[0] * dt - seen_stage[0]) / self.px_um
+            ey = self.centre_px[1] + (st.last_world[2] + st.velocity_um_per_s[1] * dt - seen_stage[1]) / self.px_um
+            d2 = (x - ex) ** 2 + (y - ey) ** 2
+            j = int(np.argmin(d2))
+            if d2[j] <= self.reassociate_px**2:
+                st.particle = int(particles[j])
+                hit = np.array([j])
+        if hit.size == 0:
+            st.missing += 1
+            if st.particle is not None and st.missing < self.reacquire_after:
+                return None
+            i = int(np.argmin((x - self.centre_px[0]) ** 2 + (y - self.centre_px[1]) ** 2))
+            st.particle, st.missing, st.last_world = int(particles[i]), 0, None
+            st.velocity_um_per_s = st.velocity_sq = (0.0, 0.0)
+        else:
+            i, st.missing = int(hit[0]), 0
+        # +1 µm of stage moves the content by -1/px_um px, so the particle sits at stage + offset.
+        wx = seen_stage[0] + (x[i] - self.centre_px[0]) * self.px_um
+        wy = seen_stage[1] + (y[i] - self.centre_px[1]) * self.px_um
+        if st.last_world is not None and t_acq > st.last_world[0]:
+            dt = t_acq - st.last_world[0]
+            vx, vy = (wx - st.last_world[1]) / dt, (wy - st.last_world[2]) / dt
+            a = self.alpha
+            st.velocity_um_per_s = ((1 - a) * st.velocity_um_per_s[0] + a * vx, (1 - a) * st.velocity_um_per_s[1] + a * vy)
+            st.velocity_sq = ((1 - a) * st.velocity_sq[0] + a * vx * vx, (1 - a) * st.velocity_sq[1] + a * vy * vy)
+        st.last_world = (t_acq, wx, wy)
+        lead_s = self.lead_frames * self.period_s
+        # Lead only on a velocity that stands out of its own noise (3 standard errors of the
+        # average): directed motion is predicted, a random walk is not (its average is noise).
+        v = []
+        for mean, sq in zip(st.velocity_um_per_s, st.velocity_sq, strict=True):
+            spread = max(sq - mean * mean, 0.0) * self.alpha / (2.0 - self.alpha)
+            v.append(mean if mean * mean > 9.0 * spread else 0.0)
+        target = (wx + v[0] * lead_s, wy + v[1] * lead_s)
+        return target[0] - st.stage_um[0], target[1] - st.stage_um[1]
+
+
+def follow(
+    events: str,
+    control: str,
+    frames: int | None = None,
+    lead_frames: float = 2.0,
+    timeout_s: float = 10.0,
+    min_step_um: float = 0.001,
+) -> dict[str, Any]:
+    """Follow until ``frames`` track events were handled (None: until the run stops).
+
+    Returns counts: events, moves, refused moves, the followed particle.
+    """
+    sub = Subscriber(events, ["run_start", "track", "run_stop"])
+    ctl = ControlClient(control)
+    try:
+        if not sub.wait_ready(timeout_s):
+            raise RuntimeError(f"no daemon answered at {events}")
+        status = ctl.request("status")["status"]
+        config = ctl_config(sub, ctl, timeout_s)
+        src = config["source"]
+        follower = ParticleFollower(src["width_px"], src["height_px"], config["pixel_size_nm"], config["frame_period_s"], lead_frames)
+        reply = ctl.act("move_xy", x_um=0.0, y_um=0.0, client="follower")  # where the stage is
+        follower.state.stage_um = (reply["state"]["x_um"], reply["state"]["y_um"])
+        handled = moves = refused = 0
+        while frames is None or handled < frames:
+            msg = sub.recv(timeout_s)
+            # React to the newest frame only: a follower that fell behind skips stale events.
+            while msg is not None and msg.topic == "track":
+                newer = sub.recv(0)
+                if newer is None:
+                    break
+                msg = newer
+            if msg is None or msg.topic == "run_stop":
+                break
+            if msg.topic != "track":
+                continue
+            handled += 1
+            step = follower.step(msg)
+            if step is None or math.hypot(*step) < min_step_um:
+                continue
+            trigger = {"topic": "track", "seq": msg.header.seq, "frame_seq": msg.header.frame_seq,
+                       "t_acquired": msg.header.t_acquired}
+            try:
+                reply = ctl.act("move_xy", x_um=step[0], y_um=step[1], relative=True, client="follower", trigger=trigger)
+            except ControlError as exc:  # refused by a limit: keep following
+                if "stop always wins" in str(exc):
+                    break
+                refused += 1
+                print(f"follower: move refused: {exc}", file=sys.stderr)
+                continue
+            moves += 1
+            follower.moved(step[0], step[1], reply["t_done"], (reply["state"]["x_um"], reply["state"]["y_um"]))
+        return {"events": handled, "moves": moves, "refused": refused, "particle": follower.state.particle,
+                "run_id": status["run_id"]}
+    finally:
+        sub.close()
+        ctl.close()
+
+
+def ctl_config(sub: Subscriber, ctl: ControlClient, timeout_s: float) -> dict[str, Any]:
+    """Image size, pixel size and frame period: from ``run_start`` if it comes, else the daemon's
+    defaults are not guessed: the run_start of a running daemon is not repeated, so ask for it
+    with the command-line options instead."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        msg = sub.recv(0.2)
+        if msg is not None and msg.topic == "run_start":
+            cfg = msg.body["config"]
+            return {"source": msg.body["source"], "pixel_size_nm": cfg["optics"]["pixel_size_nm"],
+                    "frame_period_s": max(cfg["acquisition"]["frame_interval_ms"], cfg["acquisition"]["exposure_ms"]) / 1000.0}
+    raise RuntimeError("no run_start seen: start the follower before the run (events.wait_for_subscriber_s > 0)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", default="tcp://127.0.0.1:5556")
+    parser.add_argument("--control", default="tcp://127.0.0.1:5557")
+    parser.add_argument("--frames", type=int, default=None, help="stop after this many track events")
+    parser.add_argument("--lead-frames", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    try:
+        result = follow(args.events, args.control, args.frames, args.lead_frames)
+    except (RuntimeError, ControlError) as exc:
+        print(f"follower: {exc}", file=sys.stderr)
+        return 2
+    print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

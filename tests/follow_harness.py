@@ -1,0 +1,124 @@
+"""Following against the truth: a daemon on the simulated camera, one particle, a follower; the
+simulated camera's truth queue says where the particle really was in every frame."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scopestream.daemon._config import load_config
+from scopestream.daemon._service import Daemon
+from scopestream.sim_camera.devices import simulated_device
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SIZE_PX = 64
+
+
+def load_example(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def scene(state: str, value: float, frame_interval_ms: float = 10.0) -> list[str]:
+    """One particle in state RanW (value = D, µm²/s) or Flow (value = speed, µm/s)."""
+    key = "D_um2_per_s" if state == "RanW" else "flow_speed_um_per_s"
+    return [
+        "events.endpoint=tcp://127.0.0.1:0", "control.endpoint=tcp://127.0.0.1:0", "metrics.enabled=false",
+        "events.wait_for_subscriber_s=10",
+        "stages=[localize,track]", f"simulation.frame_height_px={SIZE_PX}", f"simulation.frame_width_px={SIZE_PX}",
+        "simulation.n_particles=1", "simulation.particle_kind=point", f"simulation.states=[{state}]",
+        f"simulation.{key}={value}", "simulation.photons_per_frame=3000", "simulation.margin_nm=300",
+        "simulation.flow_persistence_length_um=50",
+        "acquisition.exposure_ms=1", f"acquisition.frame_interval_ms={frame_interval_ms}",  # short exposure: no streaks
+        "track.max_displacement_px=8", "limits.move_xy.max_rate_hz=1000",
+    ]
+
+
+def distances_from_centre(truths: list[tuple[int, np.ndarray]], skip_frames: int) -> np.ndarray:
+    """Per frame (after ``skip_frames``), the followed particle's true distance from the centre, px.
+    The followed particle is the one most often nearest the centre."""
+    c = (SIZE_PX - 1) / 2.0
+    nearest: Counter[int] = Counter()
+    for _, t in truths:
+        if t.size:
+            nearest[int(t["particle"][np.argmin(np.hypot(t["x"] - c, t["y"] - c))])] += 1
+    target = nearest.most_common(1)[0][0]
+    out = []
+    for frame, t in truths:
+        if frame < skip_frames:
+            continue
+        row = t[t["particle"] == target]
+        out.append(float(np.hypot(row["x"][0] - c, row["y"][0] - c)) if row.size else np.inf)
+    return np.array(out)
+
+
+def run_following(overrides: list[str], frames: int, follower: str = "client", lead_frames: float = 2.0) -> dict[str, Any]:
+    """Run the daemon with a follower for ``frames`` frames; returns the truth distances and counts."""
+    rules = []
+    if follower == "rule":
+        rules = [
+            "rules=[{name: follow, when: {topic: track, condition: {any_row: {field: x, op: '>=', value: 0}}}, "
+            "pick: nearest_centre, cooldown_s: 0.015, do: {action: move_xy, "
+            "x_um: {mul: [{sub: [{field: x}, {context: centre_x_px}]}, {context: pixel_size_um}, 0.8]}, "
+            "y_um: {mul: [{sub: [{field: y}, {context: centre_y_px}]}, {context: pixel_size_um}, 0.8]}}}]"
+        ]
+    config = load_config(None, [*overrides, *rules, f"source.frames_limit={frames}"])
+    if follower == "rule":
+        config = load_config(None, [*overrides, *rules, f"source.frames_limit={frames}", "events.wait_for_subscriber_s=0"])
+    daemon = Daemon(config)
+    truths: list[tuple[int, np.ndarray]] = []
+    result: dict[str, Any] = {}
+    try:
+        if follower == "client":
+            module = load_example("follow_particle")
+            assert daemon.events_endpoint and daemon.control_endpoint
+            thread = threading.Thread(
+                target=lambda: result.update(module.follow(daemon.events_endpoint, daemon.control_endpoint, None, lead_frames)),
+                daemon=True,
+            )
+            thread.start()
+            daemon.start()
+        else:
+            daemon.start()
+            thread = None
+        camera = simulated_device(daemon.runner._source._core)  # type: ignore[attr-defined]
+        while not daemon.wait(0.2):
+            truths.extend(camera.pop_truth())
+        truths.extend(camera.pop_truth())
+        if thread is not None:
+            thread.join(15)
+    finally:
+        run_stop = daemon.close()
+    result["frames_processed"] = run_stop.frames_processed if run_stop else 0
+    result["frames_dropped"] = run_stop.frames_dropped if run_stop else 0
+    result["distances_px"] = distances_from_centre(truths, skip_frames=30)
+    return result
+
+
+def summary(d: np.ndarray) -> dict[str, float]:
+    finite = d[np.isfinite(d)]
+    return {
+        "frames": float(d.size),
+        "within_2px": float(np.mean(d <= 2.0)),
+        "rms_px": float(np.sqrt(np.mean(finite**2))) if finite.size else float("nan"),
+        "p95_px": float(np.percentile(finite, 95)) if finite.size else float("nan"),
+        "max_px": float(d.max()) if d.size else float("nan"),
+    }
+
+
+if __name__ == "__main__":  # quick look: python tests/follow_harness.py
+    for state, value in (("RanW", 0.5), ("Flow", 50.0)):
+        t0 = time.time()
+        r = run_following(scene(state, value), 300)
+        print(state, value, summary(r["distances_px"]), {k: r[k] for k in ("events", "moves", "refused")}, f"{time.time() - t0:.1f}s")
