@@ -144,7 +144,7 @@ class Runner:
         self._source = source
         self._router = router
         self._metrics = metrics
-        self._plugins = stage_plugins()
+        self._plugins = stage_plugins(config.stages)
         self._stages: list[Stage] = [
             build_stage(self._plugins[name], config, config.stage_settings(name)) for name in config.stages
         ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Literal
 
 import zmq
 
@@ -67,7 +68,7 @@ class Daemon:
                 )
                 sinks.append(self.publisher)
             if results_dir is not None:
-                plugins = stage_plugins()
+                plugins = stage_plugins(config.stages)
                 tables = {t: f for name in config.stages for t, f in plugins[name].tables.items()}
                 self.tables = TableSink(results_dir, tables)
                 sinks.append(self.tables)
@@ -102,8 +103,11 @@ class Daemon:
                 log.warning("no subscriber within %.1f s; starting anyway", wait_s)
         self.runner.start()
 
-    def stop(self, reason: str = "stop requested") -> None:
-        self.runner.request_stop(reason)
+    def stop(
+        self, reason: str = "stop requested", exit_status: Literal["success", "aborted", "failed"] = "success"
+    ) -> None:
+        """Ask the run to end; ``exit_status`` goes into ``run_stop`` ("aborted" for a signal)."""
+        self.runner.request_stop(reason, exit_status)
 
     def wait(self, timeout_s: float | None = None) -> bool:
         return self.runner.wait(timeout_s)
