@@ -125,7 +125,7 @@ class SourceConfig(_Section):
     replay_fps: float | None = Field(
         None, gt=0, le=100_000, description="Pace file replay at this frame rate (live behaviour, frames may drop); None: as fast as possible, nothing dropped."
     )
-    poll_interval_ms: float = Field(0.2, gt=0, le=100, description="How long the Micro-Manager drain thread sleeps when the buffer is empty, ms (at most 100).")
+    poll_interval_ms: float = Field(0.2, gt=0, le=1000, description="How long the Micro-Manager drain thread sleeps when the buffer is empty, ms (at most 1000).")
 
 
 class BusConfig(_Section):
