@@ -1,10 +1,11 @@
 """The ``scopestream`` command line.
 
 Start-up is cheap: this module imports only the standard library at the top, each command imports
-what it needs when it runs, and the commands that live in other modules (:data:`COMMAND_MODULES`)
-declare their parsers in modules that import nothing heavy at the top (their handlers import the
-implementation). ``scopestream --version`` and ``scopestream config --check`` import neither torch
-nor the simulators (``tests/test_cli.py`` checks ``sys.modules``).
+what it needs when it runs, and the commands that live in other modules (:data:`LAZY_COMMANDS`)
+are listed by name and help only; their module is imported (and their real parser built) only
+when that command is run or asks for its ``--help``. ``scopestream --version`` and ``scopestream
+config --check`` import neither torch nor the simulators (``tests/test_cli.py`` checks
+``sys.modules``).
 
 SIGINT and SIGTERM are caught from the first line of :func:`main`: during ``run`` they end the run
 with ``run_stop`` and ``exit_status: "aborted"`` (also when they arrive while it is still starting);
@@ -31,12 +32,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("scopestream")
 
-COMMAND_MODULES: tuple[tuple[str, str], ...] = (
-    ("scopestream.sim_camera.cli", "add_simulate_command"),
-    ("scopestream.plugins.musical_cli", "add_musical_command"),
+LAZY_COMMANDS: tuple[tuple[str, str, str, str], ...] = (
+    ("simulate", "write a simulated movie and its exact ground truth",
+     "scopestream.sim_camera.cli", "add_simulate_command"),
+    ("musical", "MUSICAL super-resolution image(s) of a recorded stack",
+     "scopestream.plugins.musical_cli", "add_musical_command"),
 )
-"""(module, function) pairs that add a sub-command to the parser. Such a module imports only the
-standard library at its top; the handler it registers imports the implementation when run."""
+"""(command, one-line help, module, function): ``module.function(subparsers)`` adds the command's
+real parser, whose handler imports the implementation when run. Add ``train``, ``report`` here."""
 
 
 class Interrupted(BaseException):
@@ -105,8 +108,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # run_stop with exit_status "aborted".
     _SIGNALS.call_on_signal(lambda name: daemon.stop(f"{name} received", exit_status="aborted"))
     log.info(
-        "scopestream %s: events on %s, control on %s, metrics on http://%s:%s/metrics",
-        __version__, daemon.events_endpoint, daemon.control_endpoint, config.metrics.host, daemon.metrics_port,
+        "scopestream %s: events on %s, control on %s, metrics %s",
+        __version__, daemon.events_endpoint, daemon.control_endpoint,
+        f"on http://{config.metrics.host}:{daemon.metrics_port}/metrics" if daemon.metrics_port is not None else "off",
     )
     stop = daemon.run_until_stopped()
     if stop is not None:
@@ -229,7 +233,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(load: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The command-line parser; the :data:`LAZY_COMMANDS` named in ``load`` get their real
+    parser (their module imported), the others a placeholder that only names them."""
     parser = argparse.ArgumentParser(prog="scopestream", description="Live analysis daemon for microscope cameras.")
     parser.add_argument("--version", action="version", version=f"scopestream {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -260,13 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides")
     p.set_defaults(func=_cmd_config)
 
-    for module, adder in COMMAND_MODULES:
-        try:
-            mod = __import__(module, fromlist=[adder])
-        except ImportError as exc:
-            log.debug("command from %s unavailable: %s", module, exc)
+    for name, help_text, module, adder in LAZY_COMMANDS:
+        if name in load:
+            from importlib import import_module
+
+            try:
+                mod = import_module(module)
+            except ImportError as exc:
+                raise InputError(f"the {name!r} command is unavailable: {exc}") from None
+            getattr(mod, adder)(sub)
             continue
-        getattr(mod, adder)(sub)
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.set_defaults(lazy_command=name)
     return parser
 
 
@@ -278,12 +289,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = _SIGNALS.install() if threading_is_main() else None  # first: never a start-up traceback
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if getattr(args, "lazy_command", None):  # that command's real parser, now that it runs
+            parser = build_parser(load=[args.lazy_command])
+            args = parser.parse_args(argv)
+        elif unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         logging.basicConfig(
             level=logging.DEBUG if args.verbose else logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )
+        for handler in logging.getLogger().handlers:
+            # pymmcore-plus sets its own logger to DEBUG; without -v its records stop here
+            handler.setLevel(logging.DEBUG if args.verbose else logging.INFO)
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return 2

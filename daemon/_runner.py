@@ -207,12 +207,16 @@ class Runner:
         for target, name in (
             (self._stage_loop, "scopestream-stages"),
             (self._housekeeping_loop, "scopestream-housekeeping"),
-            (self._lifecycle, "scopestream-lifecycle"),
         ):
             thread = threading.Thread(target=target, name=name, daemon=True)
             self._threads.append(thread)
             thread.start()
         self._source.start(self)
+        # Only now: a stop requested before start (a signal during start-up) must not stop the
+        # source before it started, or its first frames would come after the stages finished.
+        lifecycle = threading.Thread(target=self._lifecycle, name="scopestream-lifecycle", daemon=True)
+        self._threads.append(lifecycle)
+        lifecycle.start()
 
     def pause(self) -> None:
         with self._lock:
