@@ -348,3 +348,21 @@ def test_a_configuration_with_cpp_adapters_says_what_to_install(tmp_path: Path) 
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "pip install 'scopestream[demo]'" in out.stderr and "mmcore install" in out.stderr, out.stderr
     assert "Could not find a compatible Micro-Manager installation" not in out.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc to see when the handlers are in")
+def test_sigterm_ends_other_commands_with_a_message_not_a_traceback() -> None:
+    # `listen` on an endpoint where nobody publishes waits for ever; SIGTERM ends it with 128 + 15.
+    proc = subprocess.Popen([sys.executable, "-m", "scopestream.daemon._cli", "listen", "--endpoint",
+                             f"tcp://127.0.0.1:{_free_port()}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _handlers_installed(proc.pid)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+        stderr = proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 128 + signal.SIGTERM, stderr
+    assert "scopestream: interrupted by SIGTERM" in stderr and "Traceback" not in stderr
