@@ -2,12 +2,24 @@
 
 Units are in every field name. Stage settings live in a section named after the stage
 (``localize.threshold_snr``); their models come from the stage plugins, so a third-party stage's
-section is validated the same way as a built-in's.
+section is validated the same way as a built-in's. Only the plugins that a configuration names
+(in ``stages`` or as a section) are imported.
+
+Every number is finite and bounded, and a boolean is never taken for a number. Checks that span
+sections run here too, so ``scopestream config --check`` catches them: a stage's settings model
+is validated with the pydantic context ``{"optics": ..., "camera": ..., "acquisition": ...,
+"source": ...}`` (the validated sections) and may check itself against them in a
+``model_validator``; the ``simulation`` section is validated by :mod:`scopestream.sim_camera`
+when the source is a simulated camera (imported only then).
+
+Files are read with bounds: at most :data:`MAX_CONFIG_FILE_BYTES`, text only, YAML aliases
+expanding to at most :data:`MAX_YAML_NODES` nodes, nesting at most :data:`MAX_NESTING_DEPTH`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,37 +29,70 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from scopestream.daemon._actuators import LimitsConfig
+from scopestream.daemon._errors import ConfigError
 from scopestream.daemon._rules import RuleCheckError, RuleConfig, check_rules
-from scopestream.daemon._stage import StagePlugin, check_products, installed_stage_plugins
+from scopestream.daemon._stage import (
+    StagePlugin,
+    check_products,
+    load_stage_plugin,
+    stage_plugin_names,
+)
+
+__all__ = [
+    "DEFAULT_STAGES",
+    "MAX_CONFIG_FILE_BYTES",
+    "MAX_NESTING_DEPTH",
+    "MAX_YAML_NODES",
+    "ConfigError",
+    "ScopestreamConfig",
+    "apply_override",
+    "build_config",
+    "config_to_dict",
+    "config_with",
+    "default_config_yaml",
+    "describe_validation_error",
+    "load_config",
+    "parse_override",
+    "read_config_file",
+    "register_stage_plugin",
+    "stage_plugins",
+]
 
 DEFAULT_STAGES: tuple[str, ...] = ("frame_stats", "localize", "track", "diffusion", "musical")
 
+MAX_CONFIG_FILE_BYTES = 1 << 20
+"""Largest configuration file read, bytes (a configuration is a few kB)."""
+MAX_YAML_NODES = 100_000
+"""Most YAML nodes a document may expand to once aliases are followed (defeats alias bombs)."""
+MAX_NESTING_DEPTH = 64
+"""Deepest nesting of mappings and lists in a configuration file or value."""
 
-class ConfigError(ValueError):
-    """A configuration file or value is not acceptable; the message names the key and the value."""
+SIMULATED_CAMERAS = ("simulated-widefield", "simulated-scanning")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # strict: a boolean is never a number (true is not 1.0) and a string is never parsed into
+    # one; integers are still accepted for floats. No NaN or infinity anywhere.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True, allow_inf_nan=False)
 
 
 class OpticsConfig(_Section):
-    pixel_size_nm: float = Field(100.0, gt=0, description="Pixel size in the sample plane (camera pixel / magnification), nm.")
-    wavelength_nm: float = Field(510.0, gt=0, description="Emission wavelength, nm.")
+    pixel_size_nm: float = Field(100.0, gt=0, le=100_000, description="Pixel size in the sample plane (camera pixel / magnification), nm.")
+    wavelength_nm: float = Field(510.0, ge=100, le=20_000, description="Emission wavelength, nm.")
     na: float = Field(1.4, gt=0, le=1.7, description="Numerical aperture of the objective.")
 
 
 class CameraConfig(_Section):
-    offset_adu: float = Field(100.0, ge=0, description="Camera offset (bias) added to every pixel, ADU.")
-    gain_e_per_adu: float = Field(0.5, gt=0, description="Conversion gain: photoelectrons per ADU.")
-    read_noise_e: float = Field(1.5, ge=0, description="Gaussian read noise, standard deviation in electrons.")
-    em_gain: float = Field(1.0, ge=1, description="EMCCD multiplication gain; 1 means no EM register (sCMOS/CCD).")
-    saturation_adu: int = Field(65535, gt=0, description="Largest value the camera can report, ADU.")
+    offset_adu: float = Field(100.0, ge=0, le=4_294_967_295, description="Camera offset (bias) added to every pixel, ADU.")
+    gain_e_per_adu: float = Field(0.5, gt=0, le=1e6, description="Conversion gain: photoelectrons per ADU.")
+    read_noise_e: float = Field(1.5, ge=0, le=1e6, description="Gaussian read noise, standard deviation in electrons.")
+    em_gain: float = Field(1.0, ge=1, le=100_000, description="EMCCD multiplication gain; 1 means no EM register (sCMOS/CCD).")
+    saturation_adu: int = Field(65535, gt=0, le=4_294_967_295, description="Largest value the camera can report, ADU.")
 
 
 class AcquisitionConfig(_Section):
-    exposure_ms: float = Field(10.0, gt=0, description="Exposure time per frame, ms.")
-    frame_interval_ms: float = Field(10.0, gt=0, description="Time between the starts of successive frames, ms.")
+    exposure_ms: float = Field(10.0, gt=0, le=3_600_000, description="Exposure time per frame, ms (at most an hour).")
+    frame_interval_ms: float = Field(10.0, gt=0, le=3_600_000, description="Time between the starts of successive frames, ms (at most an hour).")
 
     @model_validator(mode="after")
     def _exposure_fits(self) -> AcquisitionConfig:
@@ -81,17 +126,17 @@ class SourceConfig(_Section):
         None, description="useq.MDASequence as a mapping (mode 'mda'); default: time_plan of frames_limit frames."
     )
     frames_limit: int | None = Field(
-        None, gt=0, description="Stop after this many frames (None: until stopped)."
+        None, gt=0, le=10**12, description="Stop after this many frames (None: until stopped)."
     )
     file_path: str | None = Field(None, description="Multi-page TIFF / OME-TIFF to replay (kind 'file').")
     replay_fps: float | None = Field(
-        None, gt=0, description="Pace file replay at this frame rate (live behaviour, frames may drop); None: as fast as possible, nothing dropped."
+        None, gt=0, le=100_000, description="Pace file replay at this frame rate (live behaviour, frames may drop); None: as fast as possible, nothing dropped."
     )
-    poll_interval_ms: float = Field(0.2, gt=0, description="How long the Micro-Manager drain thread sleeps when the buffer is empty, ms.")
+    poll_interval_ms: float = Field(0.2, gt=0, le=1000, description="How long the Micro-Manager drain thread sleeps when the buffer is empty, ms (at most 1000).")
 
 
 class BusConfig(_Section):
-    capacity_frames: int = Field(64, ge=1, description="Frames the bus holds between the source and the stages.")
+    capacity_frames: int = Field(64, ge=1, le=1024, description="Frames the bus holds between the source and the stages (at most 1024: the bus holds whole frames in memory).")
     policy: Literal["auto", "drop", "block"] = Field(
         "auto", description="Full bus: 'drop' (live; count the frame dropped), 'block' (replay; lose nothing), 'auto': drop for cameras, block for unpaced files."
     )
@@ -99,10 +144,10 @@ class BusConfig(_Section):
 
 class EventsConfig(_Section):
     endpoint: str = Field("tcp://127.0.0.1:5556", description="ZeroMQ PUB endpoint that events are published on.")
-    send_hwm_messages: int = Field(10000, ge=1, description="PUB send high-water mark per subscriber, messages; beyond it a slow subscriber loses messages, acquisition never waits.")
-    heartbeat_interval_s: float = Field(1.0, gt=0, description="Seconds between heartbeat events.")
+    send_hwm_messages: int = Field(10000, ge=1, le=1_000_000, description="PUB send high-water mark per subscriber, messages; beyond it a slow subscriber loses messages, acquisition never waits.")
+    heartbeat_interval_s: float = Field(1.0, gt=0, le=3600, description="Seconds between heartbeat events.")
     wait_for_subscriber_s: float = Field(
-        0.0, ge=0,
+        0.0, ge=0, le=3600,
         description="Before starting, wait up to this long for a subscriber (one subscribed to all topics or to 'welcome'), so it sees run_start; 0: start at once.",
     )
 
@@ -183,7 +228,14 @@ class ScopestreamConfig(BaseModel):
             return self
         from scopestream.daemon._messages import ENGINE_BODIES
 
-        plugins = _plugins()
+        # Every installed stage's topics, so that a rule on a stage not in this run is named as such.
+        plugins: dict[str, StagePlugin] = {}
+        for name in _plugin_names():
+            try:
+                plugins[name] = _load_plugin(name)
+            except ValueError:  # a broken plugin this run does not use must not fail it
+                if name in self.stages:
+                    raise
         topic_models = dict(ENGINE_BODIES)
         for plugin in plugins.values():
             topic_models.update(plugin.topics)
@@ -196,82 +248,223 @@ class ScopestreamConfig(BaseModel):
 
     @model_validator(mode="after")
     def _validate_stage_sections(self) -> ScopestreamConfig:
-        plugins = _plugins()
-        unknown = [s for s in self.stages if s not in plugins]
+        names = _plugin_names()
+        unknown = [s for s in self.stages if s not in names]
         if unknown:
             raise ValueError(
-                f"unknown stage(s) {unknown}; installed stages: {sorted(plugins)}"
+                f"unknown stage(s) {unknown}; installed stages: {sorted(names)}"
             )
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"a stage is listed twice in {self.stages}")
-        check_products(self.stages, plugins)
         extra = dict(self.__pydantic_extra__ or {})
-        for key, value in extra.items():
-            if key not in plugins:
+        for key in extra:
+            if key not in names:
                 raise ValueError(
                     f"unknown configuration section {key!r}; sections are "
-                    f"{sorted([*type(self).model_fields, *plugins])}"
+                    f"{sorted([*type(self).model_fields, *names])}"
                 )
-            if not isinstance(value, plugins[key].settings_model):
-                try:
-                    extra[key] = plugins[key].settings_model.model_validate(value)
-                except ValidationError as exc:  # name the section: `localize.threshold_snr`
-                    raise ValueError(describe_validation_error(exc, prefix=key)) from None
-        for name, plugin in plugins.items():
-            extra.setdefault(name, plugin.settings_model())
+        # Only what this configuration names is imported (not every installed plugin).
+        plugins = {name: _load_plugin(name) for name in dict.fromkeys([*self.stages, *extra])}
+        try:
+            check_products(self.stages, plugins)
+        except ValueError:  # rare: import every installed plugin to name the one that would help
+            check_products(self.stages, {**stage_plugins(), **plugins})
+            raise
+        context = {"optics": self.optics, "camera": self.camera, "acquisition": self.acquisition, "source": self.source}
+        for name in plugins:
+            value = extra.get(name, {})
+            model = plugins[name].settings_model
+            if isinstance(value, BaseModel) and not isinstance(value, model):
+                value = value.model_dump()
+            if isinstance(value, model):
+                value = value.model_dump()  # re-checked against this configuration's optics
+            try:  # stage settings may check themselves against the other sections (context)
+                extra[name] = model.model_validate(value, context=context)
+            except ValidationError as exc:  # name the section: `localize.threshold_snr`
+                raise ValueError(describe_validation_error(exc, prefix=name)) from None
+        if self.uses_simulated_camera:
+            # Imported only here: the simulators pull in scipy.stats.
+            from scopestream.sim_camera._settings import physics_from_config
+
+            physics_from_config(self)  # raises ConfigError naming `simulation.<key>`
         object.__setattr__(self, "__pydantic_extra__", extra)
         return self
 
+    @property
+    def uses_simulated_camera(self) -> bool:
+        """Whether frames come from one of scopestream's simulated cameras (``simulation`` applies)."""
+        return self.source.kind == "micromanager" and self.source.mm_config in SIMULATED_CAMERAS
+
     def stage_settings(self, name: str) -> BaseModel:
-        """The validated settings section of stage ``name``."""
+        """The validated settings section of stage ``name`` (a stage in ``stages`` or a section given)."""
         extra = self.__pydantic_extra__ or {}
-        return extra[name]  # type: ignore[no-any-return]
+        try:
+            return extra[name]  # type: ignore[no-any-return]
+        except KeyError:
+            raise KeyError(
+                f"no settings section {name!r} in this configuration; it has {sorted(extra)}"
+            ) from None
 
 
-_PLUGIN_CACHE: dict[str, StagePlugin] | None = None
+_REGISTERED: dict[str, StagePlugin] = {}
+_LOADED: dict[str, StagePlugin] = {}
 
 
-def _plugins() -> dict[str, StagePlugin]:
-    global _PLUGIN_CACHE
-    if _PLUGIN_CACHE is None:
-        _PLUGIN_CACHE = installed_stage_plugins()
-    return _PLUGIN_CACHE
+def _plugin_names() -> set[str]:
+    return set(stage_plugin_names()) | set(_REGISTERED)
+
+
+def _load_plugin(name: str) -> StagePlugin:
+    """The plugin ``name``: registered, or its entry point imported once (ValueError if it fails)."""
+    plugin = _REGISTERED.get(name) or _LOADED.get(name)
+    if plugin is None:
+        try:
+            plugin = _LOADED[name] = load_stage_plugin(name)
+        except (ImportError, TypeError, KeyError) as exc:
+            raise ValueError(str(exc).strip('"')) from None
+    return plugin
 
 
 def register_stage_plugin(plugin: StagePlugin) -> None:
     """Register a stage without an entry point (notebooks, tests). Entry points are preferred."""
     if not isinstance(plugin, StagePlugin):
         raise TypeError(f"register_stage_plugin takes a StagePlugin, not {type(plugin).__name__}")
-    _plugins()[plugin.name] = plugin
+    _REGISTERED[plugin.name] = plugin
 
 
-def stage_plugins() -> dict[str, StagePlugin]:
-    """The installed stage plugins (cached after the first look-up)."""
-    return dict(_plugins())
+def stage_plugins(names: Iterable[str] | None = None) -> dict[str, StagePlugin]:
+    """Stage plugins by name: those in ``names`` (each imported on first use), or every
+    installed and registered one when ``names`` is None (imports them all).
+
+    Raises
+    ------
+    ConfigError
+        If a plugin is not installed or cannot be imported (the message says what to install).
+    """
+    wanted = sorted(_plugin_names()) if names is None else list(names)
+    try:
+        return {name: _load_plugin(name) for name in wanted}
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 # -- loading ---------------------------------------------------------------------------------
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, bounded, and reading ``1e-3`` as a number as YAML 1.2 does.
+
+    A YAML alias refers to a node without copying it, so a short document can describe an
+    exponentially large one (the "billion laughs"); it is refused once composed if following its
+    aliases would visit more than :data:`MAX_YAML_NODES` nodes, or if it nests deeper than
+    :data:`MAX_NESTING_DEPTH` or refers to itself.
+    """
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        if node is not None:
+            _check_node_size(node)
+        return node  # type: ignore[no-any-return]
+
+
+# YAML 1.1 (PyYAML) reads `1e-3` and `1e11` as strings; YAML 1.2 and every user read numbers.
+_BoundedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _check_node_size(root: yaml.Node) -> None:
+    """Raise ConfigError if ``root`` expands beyond the bounds (iterative: no recursion)."""
+    expanded: dict[int, int] = {}  # node id -> nodes it expands to
+    depth_of: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        key = id(node)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if done:
+            on_path.discard(key)
+            expanded[key] = 1 + sum(expanded[id(c)] for c in children)
+            if expanded[key] > MAX_YAML_NODES:
+                raise ConfigError(
+                    f"the YAML document expands to more than {MAX_YAML_NODES} values once its aliases "
+                    "are followed (an alias bomb?); write the values out instead"
+                )
+            continue
+        if key in expanded and depth_of.get(key, 0) >= depth:
+            continue
+        if key in on_path:
+            raise ConfigError("the YAML document refers to itself through an alias (a recursive structure)")
+        if depth > MAX_NESTING_DEPTH:
+            raise ConfigError(f"the YAML document nests deeper than {MAX_NESTING_DEPTH} levels")
+        depth_of[key] = depth
+        on_path.add(key)
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a mapping, or raise ConfigError."""
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a mapping, or raise ConfigError.
+
+    The file must be text (UTF-8), at most :data:`MAX_CONFIG_FILE_BYTES` long, and YAML aliases
+    may not expand it beyond :data:`MAX_YAML_NODES` values.
+    """
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read configuration file {str(path)!r}: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_FILE_BYTES:
+        raise ConfigError(
+            f"configuration file {str(path)!r} is larger than {MAX_CONFIG_FILE_BYTES} bytes; "
+            "a configuration is a few kB of YAML or TOML"
+        )
     try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            data = yaml.safe_load(text)
+        if b"\0" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "NUL byte")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"configuration file {str(path)!r} is not a text file (byte {exc.start}: {exc.reason}); "
+            "expected YAML or TOML in UTF-8"
+        ) from None
+    kind = "TOML" if path.suffix == ".toml" else "YAML"
+    try:
+        data = tomllib.loads(text) if kind == "TOML" else _load_yaml(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"configuration file {str(path)!r} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {exc}") from None
+        raise ConfigError(f"configuration file {str(path)!r} is not valid {kind}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"configuration file {str(path)!r} nests too deeply to be a configuration") from None
+    except ConfigError as exc:
+        raise ConfigError(f"configuration file {str(path)!r}: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"configuration file {str(path)!r} must hold a mapping at the top, not {type(data).__name__}")
+    _check_depth(data, f"configuration file {str(path)!r}")
     return data
+
+
+def _check_depth(data: Any, what: str) -> None:
+    """Raise ConfigError if ``data`` nests mappings/lists deeper than MAX_NESTING_DEPTH."""
+    level = [data]
+    for _ in range(MAX_NESTING_DEPTH + 1):
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v if isinstance(v, list) else ())]
+        if not level:
+            return
+    raise ConfigError(f"{what} nests deeper than {MAX_NESTING_DEPTH} levels")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -280,9 +473,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set expects KEY=VALUE with a dotted key, got {text!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = _load_yaml(raw) if raw.strip() else ""
+    except (yaml.YAMLError, RecursionError):
         value = raw
+    except ConfigError as exc:
+        raise ConfigError(f"--set {key.strip()}: {exc}") from None
+    _check_depth(value, f"--set {key.strip()}")
     return key.strip(), value
 
 
@@ -350,21 +546,42 @@ def default_config_yaml() -> str:
     return yaml.safe_dump(config_to_dict(ScopestreamConfig()), sort_keys=False)
 
 
+_UNION_TAG = re.compile(r"^(float|int|str|bool|none|literal\[.*\]|constrained-.*|function-.*|tuple\[.*\]|list\[.*\]|dict\[.*\])$")
+_TYPE_MISMATCH = ("literal_error", "float_type", "int_type", "string_type", "bool_type", "tuple_type",
+                  "dict_type", "list_type", "none_required")
+
+
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """One paragraph naming each bad key, the value given and what is allowed."""
-    parts = []
+    entries = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "") or "(top level)"
+        # Drop the branch tags pydantic puts in the location of a union (`threshold.float`).
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "" and not _UNION_TAG.match(str(p)))
+        entries.append((loc or "(top level)", err))
+    # A union reports one error per alternative; when a value fails an alternative's own checks
+    # (finite, bounds), "should be 'auto'" from the other alternative is noise.
+    specific = {loc for loc, err in entries if err["type"] not in _TYPE_MISMATCH}
+    parts = []
+    for loc, err in entries:
+        if loc in specific and err["type"] in _TYPE_MISMATCH:
+            continue
         given = err.get("input")
+        shown = _short_repr(given)
         msg = err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         if err["type"] == "extra_forbidden":
-            parts.append(f"{loc}: unknown key (given {given!r})")
+            parts.append(f"{loc}: unknown key (given {shown})")
         elif err["type"] == "missing":
             parts.append(f"{loc}: required")
         elif err["type"] == "value_error" and (isinstance(given, dict) or msg.startswith("invalid configuration: ")):
-            parts.append(msg.removeprefix("invalid configuration: ") if not loc or loc == "(top level)" else f"{loc}: {msg.removeprefix('invalid configuration: ')}")
+            parts.append(msg.removeprefix("invalid configuration: ") if loc == "(top level)" else f"{loc}: {msg.removeprefix('invalid configuration: ')}")
         else:
-            parts.append(f"{loc}: {msg} (given {given!r})")
-    return ("" if prefix else "invalid configuration: ") + "; ".join(parts)
+            parts.append(f"{loc}: {msg} (given {shown})")
+    return ("" if prefix else "invalid configuration: ") + "; ".join(dict.fromkeys(parts))
+
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a message must stay one paragraph)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"

@@ -154,7 +154,7 @@ class Runner:
         self._source = source
         self._router = router
         self._metrics = metrics
-        self._plugins = stage_plugins()
+        self._plugins = stage_plugins(config.stages)
         self.accounting = Accounting()
         self.pipeline = Pipeline(config, self._plugins, router, self.accounting, metrics)
         self._offload: Offload = offload if offload is not None else OffloadService.from_config(config.offload)
@@ -232,13 +232,17 @@ class Runner:
         for target, name in (
             (self._stage_loop, "scopestream-stages"),
             (self._housekeeping_loop, "scopestream-housekeeping"),
-            (self._lifecycle, "scopestream-lifecycle"),
         ):
             thread = threading.Thread(target=target, name=name, daemon=True)
             self._threads.append(thread)
             thread.start()
         self._stage_thread = self._threads[0]
         self._source.start(self)
+        # Only now: a stop requested before start (a signal during start-up) must not stop the
+        # source before it started, or its first frames would come after the stages finished.
+        lifecycle = threading.Thread(target=self._lifecycle, name="scopestream-lifecycle", daemon=True)
+        self._threads.append(lifecycle)
+        lifecycle.start()
 
     def _run_context(self, desc: SourceDescription) -> RunContext:
         c = self.config

@@ -83,7 +83,7 @@ class Daemon:
                 self.metrics.subscriptions.set_function(self.publisher.subscription_count)
                 self.router.add_sink("publisher", self.publisher, PUBLISHER_QUEUE_MESSAGES, "drop")
             if results_dir is not None:
-                plugins = stage_plugins()
+                plugins = stage_plugins(config.stages)
                 tables = {t: f for name in config.stages for t, f in plugins[name].tables.items()}
                 self.tables = TableSink(results_dir, tables)
                 # analyze: a slow writer slows the run down, nothing is lost; without it the run fails.

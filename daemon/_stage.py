@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
@@ -253,28 +253,83 @@ class StagePlugin:
     description: str = ""
 
 
-def installed_stage_plugins() -> dict[str, StagePlugin]:
-    """Every stage plugin registered in the entry-point group, by name.
+def stage_plugin_names() -> list[str]:
+    """Names of the stage plugins registered in the entry-point group, without loading any.
+
+    Reading entry points costs no import of the plugins' modules (nor of what they import: scipy,
+    torch, ...), so listing stages and validating a configuration that names few of them stays
+    cheap.
+    """
+    return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def _install_hint(ep: EntryPoint, exc: ImportError) -> str:
+    """What to install so that the entry point ``ep`` imports, from the missing module's name."""
+    dist = ep.dist
+    missing = (exc.name or "").split(".")[0]
+    if dist is None:
+        return f"install the package that provides {missing!r}" if missing else "reinstall the package that registered it"
+    normal = missing.replace("_", "-").lower()
+    for requirement in dist.requires or ():
+        req_name, _, marker = requirement.partition(";")
+        name = req_name.strip().split("[")[0]
+        for sep in "<>=!~ (":
+            name = name.split(sep)[0]
+        if name.replace("_", "-").lower() == normal and "extra ==" in marker:
+            extra = marker.split("extra ==")[1].strip().strip("'\"")
+            return f"install it with `pip install '{dist.metadata['Name']}[{extra}]'`"
+    if missing:
+        return f"install the package that provides the module {missing!r} (needed by {dist.metadata['Name']})"
+    return f"reinstall {dist.metadata['Name']}"
+
+
+def load_stage_plugin(name: str) -> StagePlugin:
+    """Import the entry point ``name`` of the group ``scopestream.stages`` and check it.
 
     Raises
     ------
+    KeyError
+        If no entry point has that name.
+    ImportError
+        If the plugin's module (or something it imports) is not installed; the message names the
+        stage, the entry point and the package to install.
     TypeError
-        If an entry point does not name a :class:`StagePlugin`, or its name disagrees.
+        If the entry point does not name a :class:`StagePlugin`, or its name disagrees.
     """
-    plugins: dict[str, StagePlugin] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if not matches:
+        raise KeyError(f"no stage plugin named {name!r}; installed stages: {stage_plugin_names()}")
+    ep = matches[0]
+    try:
         plugin = ep.load()
-        if not isinstance(plugin, StagePlugin):
-            raise TypeError(
-                f"entry point {ep.name!r} ({ep.value}) in group {ENTRY_POINT_GROUP!r} must name a "
-                f"scopestream.daemon.StagePlugin, not {type(plugin).__name__}"
-            )
-        if plugin.name != ep.name:
-            raise TypeError(
-                f"entry point {ep.name!r} ({ep.value}) names a StagePlugin called {plugin.name!r}"
-            )
-        plugins[plugin.name] = plugin
-    return plugins
+    except ImportError as exc:
+        raise ImportError(
+            f"stage {name!r} (entry point {ep.value}) cannot be loaded: {exc}; {_install_hint(ep, exc)}",
+            name=exc.name,
+        ) from exc
+    if not isinstance(plugin, StagePlugin):
+        raise TypeError(
+            f"entry point {ep.name!r} ({ep.value}) in group {ENTRY_POINT_GROUP!r} must name a "
+            f"scopestream.daemon.StagePlugin, not {type(plugin).__name__}"
+        )
+    if plugin.name != ep.name:
+        raise TypeError(
+            f"entry point {ep.name!r} ({ep.value}) names a StagePlugin called {plugin.name!r}"
+        )
+    return plugin
+
+
+def installed_stage_plugins() -> dict[str, StagePlugin]:
+    """Every stage plugin registered in the entry-point group, by name (each one loaded).
+
+    Prefer :func:`stage_plugin_names` and :func:`load_stage_plugin` where only some are needed.
+
+    Raises
+    ------
+    ImportError, TypeError
+        As :func:`load_stage_plugin`.
+    """
+    return {name: load_stage_plugin(name) for name in stage_plugin_names()}
 
 
 def check_products(stages: Sequence[str], plugins: Mapping[str, StagePlugin]) -> None:

@@ -62,17 +62,17 @@ __all__ = [
 class DiffusionSettings(BaseModel):
     """Settings of the ``diffusion`` stage (configuration section ``diffusion``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     method: Literal["cve", "msd"] = Field(
         "cve", description="'cve': covariance-based estimator (Vestergaard et al. 2014); 'msd': MSD fit with the optimal number of points (Michalet & Berglund 2012)."
     )
     window_frames: int = Field(50, ge=3, le=10_000, description="Length of the rolling window, frames.")
     step_frames: int | None = Field(
-        None, ge=1, description="A rolling estimate is published for a track every this many frames; None: window_frames // 2."
+        None, ge=1, le=100_000, description="A rolling estimate is published for a track every this many frames; None: window_frames // 2."
     )
     rolling: bool = Field(True, description="Publish rolling-window estimates (whole-track estimates are always published when a track ends).")
-    min_steps: int = Field(3, ge=2, description="Fewest displacements for a defined D; shorter tracks or windows report D = None.")
+    min_steps: int = Field(3, ge=2, le=100_000, description="Fewest displacements for a defined D; shorter tracks or windows report D = None.")
     msd_max_lag: int = Field(10, ge=2, le=200, description="Largest MSD lag the 'msd' method may use, frames.")
     blur_coefficient: float | None = Field(
         None, ge=0, le=0.25,

@@ -18,7 +18,7 @@ from scopestream.daemon._stage import Emission, RunContext, StagePlugin
 
 
 class FrameStatsSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     background_percentile: float = Field(
         10.0, gt=0, lt=100,

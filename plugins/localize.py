@@ -68,7 +68,7 @@ _COLUMNS = LOCALIZATION_COLUMNS
 class LocalizeSettings(BaseModel):
     """Settings of the ``localize`` stage (configuration section ``localize``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     method: Literal["mle", "radial_symmetry"] = Field(
         "mle",
@@ -84,23 +84,23 @@ class LocalizeSettings(BaseModel):
         description="Side of the square fitting region, px; None: 2 * round(2.5 * sigma) + 1, at least 5 (costs < 0.5 % in precision against an unbounded region).",
     )
     threshold_snr: float = Field(
-        5.0, gt=0,
+        5.0, gt=0, le=1e6,
         description="Detection threshold: band-passed peak over its local noise standard deviation (dimensionless).",
     )
     min_separation_px: float = Field(
-        3.0, ge=1,
+        3.0, ge=1, le=1000,
         description="Two maxima closer than this (Chebyshev distance, px) count as one spot; the brighter is kept.",
     )
     max_iterations: int = Field(12, ge=1, le=200, description="Iteration cap of the MLE fit.")
     tolerance_px: float = Field(
-        3e-2, gt=0,
+        3e-2, gt=0, le=10,
         description=(
             "MLE stops when the RMS position step over the frame's spots is below this and none is above 10x this, px "
             "(the error left is ~10x smaller than the last step)."
         ),
     )
-    min_photons: float = Field(0.0, ge=0, description="Drop localizations with fewer fitted photons.")
-    max_spots: int = Field(100_000, ge=1, description="At most this many spots per frame (the brightest are kept).")
+    min_photons: float = Field(0.0, ge=0, le=1e12, description="Drop localizations with fewer fitted photons.")
+    max_spots: int = Field(100_000, ge=1, le=10_000_000, description="At most this many spots per frame (the brightest are kept).")
     exclude_saturated: bool = Field(
         True, description="Drop spots whose region holds a pixel at or above camera.saturation_adu (their fit would be biased)."
     )

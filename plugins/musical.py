@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from scopestream.daemon._config import ScopestreamConfig
 from scopestream.daemon._frames import Frame
@@ -293,16 +293,16 @@ def musical_windows(
 class MusicalSettings(BaseModel):
     """Settings of the ``musical`` stage (section ``musical.*``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
-    wavelength_nm: float | None = Field(None, gt=0, description="Emission wavelength, nm; None: optics.wavelength_nm.")
+    wavelength_nm: float | None = Field(None, ge=100, le=20_000, description="Emission wavelength, nm; None: optics.wavelength_nm.")
     na: float | None = Field(None, gt=0, le=1.7, description="Numerical aperture; None: optics.na.")
-    pixel_size_nm: float | None = Field(None, gt=0, description="Sample-plane pixel size, nm; None: optics.pixel_size_nm.")
+    pixel_size_nm: float | None = Field(None, gt=0, le=100_000, description="Sample-plane pixel size, nm; None: optics.pixel_size_nm.")
     window_frames: int = Field(
         200, ge=MIN_WINDOW_FRAMES, le=100_000,
         description="K: frames per MUSICAL window (200 as in Sekh et al.; 50 for finer time resolution).",
     )
-    slide_frames: int = Field(200, ge=1, description="Frames between the starts of successive windows of one track.")
+    slide_frames: int = Field(200, ge=1, le=100_000, description="Frames between the starts of successive windows of one track.")
     region_px: int = Field(25, ge=3, le=512, description="Side of the square region around a track that goes through MUSICAL, px.")
     capture_margin_px: int = Field(
         12, ge=0, le=512,
@@ -314,18 +314,18 @@ class MusicalSettings(BaseModel):
     )
     alpha: float = Field(4.0, gt=0, le=16, description="Exponent of the MUSICAL indicator.")
     normalization_adu: float | None = Field(
-        None, gt=0,
+        None, gt=0, le=1e12,
         description="Fixed scale the data are divided by, ADU; None: the maximum pixel value of the run's first window_frames frames (whole field), then fixed.",
     )
     full_field_every_frames: int = Field(
-        0, ge=0, description="Start a MUSICAL window of the whole field every this many frames (0: off). Must be 0 or ≥ window_frames.",
+        0, ge=0, le=10_000_000, description="Start a MUSICAL window of the whole field every this many frames (0: off). Must be 0 or ≥ window_frames.",
     )
     full_field_subpixels: int = Field(4, ge=1, le=64, description="Sub-pixels per pixel of the full-field image (its cost grows with the square).")
     max_pending_windows: int = Field(4, ge=1, le=1024, description="This stage's windows in the off-thread service (offload.*) and not yet published, at most; beyond it (or offload.max_in_flight_jobs) windows are skipped (or waited for).")
     skip_when_busy: bool = Field(True, description="True: skip and count a window when the off-thread service is busy (live). False: wait (replay; nothing lost).")
     max_tracks: int = Field(32, ge=0, le=4096, description="Tracks buffered at once; later tracks get no MUSICAL until a slot frees (counted).")
     backend: Literal["numpy", "torch"] = Field("numpy", description="Kernel backend for the projections.")
-    device: str = Field("cpu", description="Torch device for backend 'torch' ('cpu', 'cuda', 'cuda:1').")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda|mps|xpu)(:[0-9]{1,3})?$", description="Torch device for backend 'torch' ('cpu', 'cuda', 'cuda:1').")
     edge: EdgeRule = Field(
         "full_windows", description="Border rule: 'full_windows' (windows wholly inside the region, as MusiJ) or 'partial_windows' (also the windows cut at the region's edge, as the MATLAB-derived ports; same values inside).",
     )
@@ -336,6 +336,25 @@ class MusicalSettings(BaseModel):
             raise ValueError(
                 f"full_field_every_frames ({self.full_field_every_frames}) must be 0 (off) or at least "
                 f"window_frames ({self.window_frames}): one full-field window is collected at a time"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _region_holds_the_psf_window(self, info: ValidationInfo) -> MusicalSettings:
+        # The configuration validates stage settings with its optics section as context, so
+        # `config --check` catches what the stage would refuse when it is built.
+        optics = (info.context or {}).get("optics")
+        if optics is None:
+            return self
+        wavelength_nm = self.wavelength_nm or optics.wavelength_nm
+        na = self.na or optics.na
+        pixel_size_nm = self.pixel_size_nm or optics.pixel_size_nm
+        window_px = window_size_px(wavelength_nm, na, pixel_size_nm)
+        if self.region_px < window_px:
+            raise ValueError(
+                f"region_px ({self.region_px}) is smaller than the MUSICAL PSF window "
+                f"({window_px} px for λ={wavelength_nm} nm, NA={na}, pixel {pixel_size_nm} nm); "
+                f"use at least {window_px}"
             )
         return self
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from scopestream.daemon._errors import InputError
 
@@ -62,11 +62,13 @@ def add_musical_command(subparsers: Any) -> None:
 
 def handler(args: argparse.Namespace) -> int:
     """Run the ``musical`` command; returns the exit status. Bad input raises InputError."""
+    import numpy as np
     import tifffile
 
     from scopestream.plugins.musical import musical_windows
 
     path: Path = args.input
+    check_arguments(args)
     if not path.is_file():
         raise InputError(f"no such file: {str(path)!r}")
     try:
@@ -79,6 +81,8 @@ def handler(args: argparse.Namespace) -> int:
         if squeezed.ndim != 3:
             raise InputError(f"{str(path)!r}: expected a stack of 2-D grey frames, got shape {stack.shape}")
         stack = squeezed
+    if stack.ndim == 3:
+        check_output_size(stack.shape, args)
     try:
         results = musical_windows(
             stack,
@@ -119,3 +123,66 @@ def handler(args: argparse.Namespace) -> int:
                      description=json.dumps(description), metadata=None, photometric="minisblack")
     print(f"wrote {len(results)} MUSICAL image(s) of {images.shape[1]}×{images.shape[2]} px to {args.out}")
     return 0
+
+
+# Bounds of the arguments (the stage's settings use the same ones).
+_BOUNDS: dict[str, tuple[float, float, str]] = {
+    "wavelength_nm": (100.0, 20_000.0, "--wavelength-nm"),
+    "na": (0.0, 1.7, "--na"),
+    "pixel_size_nm": (0.0, 100_000.0, "--pixel-size-nm"),
+    "alpha": (0.0, 16.0, "--alpha"),
+}
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad arguments before the stack is read; raises InputError naming the option."""
+    for name, (low, high, option) in _BOUNDS.items():
+        value = getattr(args, name)
+        if not (math.isfinite(value) and low < value <= high):
+            raise InputError(f"{option} must be a finite number in ({low:g}, {high:g}], got {value}")
+    if not 1 <= args.subpixels <= 64:
+        raise InputError(f"--subpixels must be between 1 and 64, got {args.subpixels}")
+    if isinstance(args.threshold, float) and not math.isfinite(args.threshold):
+        raise InputError(f"--threshold must be a finite number (log10) or 'auto', got {args.threshold}")
+    for option, value in (("--window-frames", args.window_frames), ("--slide-frames", args.slide_frames)):
+        if value is not None and not 1 <= value <= 1_000_000:
+            raise InputError(f"{option} must be between 1 and 1000000, got {value}")
+    if args.backend != "torch":
+        if args.device != "cpu":
+            raise InputError(f"--device {args.device!r} applies to --backend torch only (the numpy backend runs on the CPU)")
+        return
+    try:
+        import torch
+    except ImportError:
+        raise InputError("--backend torch needs PyTorch: `pip install torch` (a CPU build is enough)") from None
+    try:
+        device = torch.device(args.device)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"--device {args.device!r} is not a usable torch device: {first_line}") from None
+
+
+def _available_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
+
+
+def check_output_size(shape: tuple[int, ...], args: argparse.Namespace) -> None:
+    """Refuse a run whose images would not fit in memory (each window's image is
+    ``subpixels`` times the stack's size along each axis, in float64 while it is computed)."""
+    n_frames, height, width = shape
+    window = args.window_frames or n_frames
+    slide = args.slide_frames or window
+    n_windows = max(1, (n_frames - window) // slide + 1) if n_frames >= window else 1
+    image_bytes = height * width * args.subpixels**2 * (8 + 4)  # float64 canvas + float32 output
+    needed = n_windows * image_bytes
+    available = _available_memory_bytes()
+    if available is not None and needed > available:
+        raise InputError(
+            f"{n_windows} MUSICAL image(s) of {height * args.subpixels}×{width * args.subpixels} px "
+            f"(--subpixels {args.subpixels}) need about {needed / 2**30:.1f} GiB of memory, "
+            f"{available / 2**30:.1f} GiB is available; use fewer --subpixels or a longer --slide-frames"
+        )

@@ -48,32 +48,32 @@ __all__ = ["TrackSettings", "TrackBody", "TrackUpdate", "Tracker", "TrackStage",
 class TrackSettings(BaseModel):
     """Settings of the ``track`` stage (configuration section ``track``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     motion_model: Literal["random_walk", "constant_velocity"] = Field(
         "random_walk",
         description="Kalman motion model: 'random_walk' (Brownian or stationary) or 'constant_velocity' (directed motion).",
     )
     max_displacement_px: float = Field(
-        5.0, gt=0, description="Largest distance a particle may move between frames, px (hard gate, like trackpy's search_range)."
+        5.0, gt=0, le=1000, description="Largest distance a particle may move between frames, px (hard gate, like trackpy's search_range)."
     )
     diffusion_px2_per_frame: float | None = Field(
-        None, ge=0,
+        None, ge=0, le=1e6,
         description="Expected diffusion coefficient for the process noise, px^2/frame (per axis variance 2 D); None: (max_displacement_px / 3)^2 / 2, i.e. the gate is a 3-sigma step.",
     )
     acceleration_px_per_frame2: float = Field(
-        0.5, ge=0, description="Standard deviation of the velocity change per frame (constant_velocity model), px/frame^2."
+        0.5, ge=0, le=1000, description="Standard deviation of the velocity change per frame (constant_velocity model), px/frame^2."
     )
     gate_probability: float = Field(
         0.999, gt=0, lt=1, description="Mahalanobis gate: a true detection falls inside with this probability."
     )
     max_gap_frames: int = Field(2, ge=0, le=100, description="Frames a track may miss before it ends (gap closing).")
     min_measurement_sigma_px: float = Field(
-        0.03, gt=0, description="Floor on a detection's position uncertainty used by the filter, px."
+        0.03, gt=0, le=100, description="Floor on a detection's position uncertainty used by the filter, px."
     )
     max_candidates: int = Field(6, ge=1, le=64, description="At most this many candidate detections per track.")
     max_cluster_size: int = Field(
-        400, ge=2, description="Clusters of ambiguous tracks+detections larger than this are linked greedily (bounds the cost)."
+        400, ge=2, le=100_000, description="Clusters of ambiguous tracks+detections larger than this are linked greedily (bounds the cost)."
     )
 
 

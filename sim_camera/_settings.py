@@ -27,12 +27,27 @@ _ALL_STATES: tuple[StateName, ...] = ("Stat", "RanW", "RCir", "Circ", "Flow")
 
 UINT16_MAX = 65535
 
-_NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-_Pos = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# strict: a boolean is not a number (an int still is); every value finite and bounded, so that
+# nothing overflows or allocates without limit downstream.
+_NonNeg = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False, strict=True)]
+_Pos = Annotated[float, Field(gt=0, le=1e12, allow_inf_nan=False, strict=True)]
+_Length_nm = Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False, strict=True)]
+_Photons = Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False, strict=True)]
+_D = Annotated[float, Field(ge=0, le=1e4, allow_inf_nan=False, strict=True)]
+_Speed = Annotated[float, Field(ge=0, le=1e5, allow_inf_nan=False, strict=True)]
+_Z_nm = Annotated[float, Field(ge=-1e6, le=1e6, allow_inf_nan=False, strict=True)]
 
 NonNegativeRange = _NonNeg | tuple[_NonNeg, _NonNeg]
 """A value, or ``[low, high]`` from which each particle draws its own value uniformly."""
 PositiveRange = _Pos | tuple[_Pos, _Pos]
+LengthRange = _Length_nm | tuple[_Length_nm, _Length_nm]
+"""A length in nm (at most 1 mm), or a ``[low, high]`` range."""
+PhotonsRange = _Photons | tuple[_Photons, _Photons]
+"""Photons per particle per frame (at most 1e9), or a range."""
+DiffusionRange = _D | tuple[_D, _D]
+"""Diffusion coefficient, µm²/s (at most 1e4: faster than any molecule in water), or a range."""
+SpeedRange = _Speed | tuple[_Speed, _Speed]
+"""Speed, µm/s (at most 1e5), or a range."""
 
 
 def range_bounds(value: float | tuple[float, float]) -> tuple[float, float]:
@@ -50,18 +65,18 @@ class SimulationSettings(BaseModel):
     the state the value belongs to).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
     # -- field of view ----------------------------------------------------------------------
-    frame_height_px: int = Field(512, ge=4, le=8192, description="Image rows, px.")
-    frame_width_px: int = Field(512, ge=4, le=8192, description="Image columns, px.")
+    frame_height_px: int = Field(512, ge=4, le=8192, strict=True, description="Image rows, px.")
+    frame_width_px: int = Field(512, ge=4, le=8192, strict=True, description="Image columns, px.")
     n_particles: int = Field(
-        100, ge=0, le=100_000,
+        100, ge=0, le=100_000, strict=True,
         description="Particles inside the field of view at the start; the margin around it holds "
         "more at the same density, so the density stays constant as particles enter and leave.",
     )
     margin_nm: float = Field(
-        1000.0, ge=0, allow_inf_nan=False,
+        1000.0, ge=0, le=1e6, allow_inf_nan=False, strict=True,
         description="Width of the band around the field of view in which particles exist unseen, nm. "
         "A particle that leaves the band is replaced by a new one (new id) entering on the opposite side.",
     )
@@ -71,26 +86,26 @@ class SimulationSettings(BaseModel):
         "vesicle", description="'vesicle': a sphere carrying several fluorophores inside its volume; "
         "'point': a single fluorophore."
     )
-    vesicle_diameter_nm: PositiveRange = Field(
+    vesicle_diameter_nm: LengthRange = Field(
         (150.0, 400.0), description="Vesicle diameter, nm (value or [low, high])."
     )
     fluorophores_per_vesicle: int = Field(
-        10, ge=1, le=1000, description="Fluorophores per vesicle, placed uniformly inside its volume."
+        10, ge=1, le=1000, strict=True, description="Fluorophores per vesicle, placed uniformly inside its volume."
     )
-    photons_per_frame: PositiveRange = Field(
+    photons_per_frame: PhotonsRange = Field(
         2000.0,
         description="Expected detected photons from one particle in one frame with all its "
         "fluorophores on: widefield, over the exposure; scanning, from an in-focus stationary particle "
         "over the frame scan (value or [low, high]).",
     )
     background_photons_per_px: float = Field(
-        10.0, ge=0, allow_inf_nan=False, description="Expected background photons per pixel per frame."
+        10.0, ge=0, le=1e9, allow_inf_nan=False, strict=True, description="Expected background photons per pixel per frame."
     )
-    z_start_nm: float | tuple[float, float] = Field(
+    z_start_nm: _Z_nm | tuple[_Z_nm, _Z_nm] = Field(
         0.0, description="Axial start position, nm (value or [low, high]); 0 is the focal plane."
     )
     z_diffusion: bool | None = Field(
-        None,
+        None, strict=True,
         description="Brownian states also diffuse along z (3-D). None: 3-D for the scanning camera, "
         "2-D for the widefield camera (whose Gaussian PSF widens with defocus, see psf_rayleigh_nm).",
     )
@@ -107,37 +122,37 @@ class SimulationSettings(BaseModel):
         "value, or per state). Switches happen at frame boundaries with probability "
         "1 - exp(-frame_time / dwell_ms); the next state is drawn uniformly from the others.",
     )
-    D_um2_per_s: NonNegativeRange = Field(
+    D_um2_per_s: DiffusionRange = Field(
         (0.05, 0.5), description="Diffusion coefficient of RanW and RCir particles, µm²/s (value or [low, high])."
     )
-    rcir_radius_nm: PositiveRange = Field(
+    rcir_radius_nm: LengthRange = Field(
         (200.0, 400.0), description="RCir: radius of the circle the random walk is confined to, nm."
     )
-    circ_radius_nm: PositiveRange = Field(
+    circ_radius_nm: LengthRange = Field(
         (200.0, 500.0), description="Circ: radius of the circular orbit, nm."
     )
-    circ_speed_um_per_s: NonNegativeRange = Field(
+    circ_speed_um_per_s: SpeedRange = Field(
         (1.0, 10.0), description="Circ: speed along the orbit, µm/s (= nm/ms; 50 µm/s is 500 nm per 10 ms frame)."
     )
-    flow_speed_um_per_s: NonNegativeRange = Field(
+    flow_speed_um_per_s: SpeedRange = Field(
         (2.0, 20.0), description="Flow: speed along the curve, µm/s (= nm/ms; 100 µm/s is 1000 nm per 10 ms frame)."
     )
     flow_persistence_length_um: float = Field(
-        5.0, gt=0, allow_inf_nan=False,
+        5.0, gt=0, le=1e6, allow_inf_nan=False, strict=True,
         description="Flow: the heading performs a random walk whose variance grows by (path length / "
         "this length) rad²; larger is straighter, µm.",
     )
 
     # -- photophysics -----------------------------------------------------------------------
     blink_on_mean_ms: float = Field(
-        200.0, gt=0, allow_inf_nan=False, description="Mean time a fluorophore stays on, ms (used when blinking)."
+        200.0, gt=0, le=1e12, allow_inf_nan=False, strict=True, description="Mean time a fluorophore stays on, ms (used when blinking)."
     )
     blink_off_mean_ms: float = Field(
-        0.0, ge=0, allow_inf_nan=False,
+        0.0, ge=0, le=1e12, allow_inf_nan=False, strict=True,
         description="Mean time a fluorophore stays off, ms; 0 disables blinking (always on).",
     )
     bleach_half_life_ms: float | None = Field(
-        None, gt=0, allow_inf_nan=False,
+        None, gt=0, le=1e12, allow_inf_nan=False, strict=True,
         description="Half-life of a fluorophore while it is on, ms (bleaching happens only in the on "
         "state); None disables bleaching.",
     )
@@ -147,7 +162,7 @@ class SimulationSettings(BaseModel):
         "gaussian", description="Widefield PSF: Gaussian (sigma = psf_sigma_nm) or Airy (from wavelength and NA)."
     )
     psf_sigma_nm: float | None = Field(
-        None, gt=0, allow_inf_nan=False,
+        None, gt=0, le=1e5, allow_inf_nan=False, strict=True,
         description="Gaussian PSF standard deviation, nm; None: 0.21 * wavelength / NA.",
     )
     psf_rayleigh_nm: float | None = Field(
@@ -157,19 +172,19 @@ class SimulationSettings(BaseModel):
         "beam of waist 2 sigma0), n = 1.515 (oil) for NA > 1.33, 1.33 (water) for NA > 1, else 1.",
     )
     substeps_per_exposure: int = Field(
-        4, ge=1, le=64, description="Positions and photophysics sampled this many times per exposure (motion blur)."
+        4, ge=1, le=64, strict=True, description="Positions and photophysics sampled this many times per exposure (motion blur)."
     )
 
     # -- scanning two-photon camera ---------------------------------------------------------
-    scan_dwell_us: float = Field(2.0, gt=0, allow_inf_nan=False, description="Beam dwell time per pixel, µs.")
+    scan_dwell_us: float = Field(2.0, gt=0, le=1e6, allow_inf_nan=False, strict=True, description="Beam dwell time per pixel, µs.")
     scan_retrace_ms: float = Field(
-        1.1, ge=0, allow_inf_nan=False, description="Line retrace after each line, ms (nothing recorded)."
+        1.1, ge=0, le=1e6, allow_inf_nan=False, strict=True, description="Line retrace after each line, ms (nothing recorded)."
     )
     scan_sigma_xy_nm: float = Field(
-        200.0, gt=0, allow_inf_nan=False, description="Lateral standard deviation of the 3-D Gaussian excitation PSF, nm."
+        200.0, gt=0, le=1e5, allow_inf_nan=False, strict=True, description="Lateral standard deviation of the 3-D Gaussian excitation PSF, nm."
     )
     scan_sigma_z_nm: float = Field(
-        700.0, gt=0, allow_inf_nan=False, description="Axial standard deviation of the 3-D Gaussian excitation PSF, nm."
+        700.0, gt=0, le=1e6, allow_inf_nan=False, strict=True, description="Axial standard deviation of the 3-D Gaussian excitation PSF, nm."
     )
 
     @field_validator(
@@ -276,10 +291,12 @@ def _describe(exc: ValidationError, prefix: str) -> str:
         entries.append((f"{prefix}{loc}" if loc else prefix.rstrip("."), err))
     # A value-or-range field reports one error per alternative; when a number fails its own
     # checks, "should be a valid tuple/dict" for the other alternative is noise.
-    specific = {loc for loc, err in entries if err["type"] not in ("tuple_type", "dict_type", "float_type")}
+    mismatch = ("tuple_type", "dict_type", "float_type")
+    specific = {loc for loc, err in entries if err["type"] not in mismatch}
     parts = []
     for loc, err in entries:
-        if loc in specific and err["type"] in ("tuple_type", "dict_type", "float_type"):
+        inner = any(s.startswith(f"{loc}.") for s in specific)  # a range's element failed its checks
+        if (loc in specific or inner) and err["type"] in mismatch:
             continue
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":

@@ -278,7 +278,7 @@ def test_democamera_shutter_and_missing_frame_interval(
 ) -> None:
     pytest.importorskip("mm_test_adapters")
     d = Daemon(make_config("source.mm_config=demo", "stages=[frame_stats]", "acquisition.exposure_ms=5",
-                           "acquisition.frame_interval_ms=5", "metrics.enabled=false", "limits.shutter.max_rate_hz=1000"))
+                           "acquisition.frame_interval_ms=5", "metrics.enabled=false", "limits.shutter.max_rate_hz=100000"))
     daemons.append(d)
     d.start()
     assert d.control_endpoint

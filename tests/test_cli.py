@@ -127,5 +127,242 @@ def test_run_stops_cleanly_on_sigint(tmp_path: Path) -> None:
             proc.kill()
     assert stop is not None
     assert stop.body["reason"] == "SIGINT received"
+    assert stop.body["exit_status"] == "aborted"  # the schema's word for a run ended by a signal
     assert stop.body["frames_received"] == stop.body["frames_processed"] + stop.body["frames_dropped"]
     assert n_stats == stop.body["frames_processed"] > 0
+
+
+# -- start-up cost: what --version and config --check import ----------------------------------
+
+_HEAVY = ("torch", "scopestream.sim_camera", "scipy.stats")
+_SIMULATORS = ("scopestream.sim_camera._widefield", "scopestream.sim_camera._scanning",
+               "scopestream.sim_camera._scene", "scopestream.sim_camera._noise", "scipy.stats", "torch")
+
+
+def _imported_after(args: list[str], modules: tuple[str, ...]) -> tuple[int, list[str], str]:
+    """Run the command line in a fresh interpreter; return its status and which of ``modules`` it imported."""
+    script = (
+        "import json, sys\n"
+        "from scopestream.daemon._cli import main\n"
+        "try:\n"
+        f"    rc = main({args!r})\n"
+        "except SystemExit as exc:\n"
+        "    rc = exc.code\n"
+        f"print('IMPORTED', json.dumps([m for m in {modules!r} if m in sys.modules]))\n"
+        "sys.exit(rc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("IMPORTED "))
+    return out.returncode, json.loads(line.removeprefix("IMPORTED ")), out.stderr
+
+
+def test_version_imports_neither_torch_nor_the_simulators() -> None:
+    rc, imported, err = _imported_after(["--version"], (*_HEAVY, "pydantic", "numpy", "scopestream.daemon._config"))
+    assert rc == 0, err
+    assert imported == [], f"--version imported {imported}"
+
+
+def test_config_check_imports_neither_torch_nor_the_simulators(tmp_path: Path) -> None:
+    path = tmp_path / "file_source.yaml"
+    path.write_text(f"source:\n  kind: file\n  file_path: {tmp_path / 'x.tif'}\n")
+    rc, imported, err = _imported_after(["config", "--check", str(path)], _HEAVY)
+    assert rc == 0, err
+    assert imported == [], f"config --check imported {imported}"
+    # The embedded default (a simulated camera): its settings model is imported to validate the
+    # simulation section, the simulators themselves are not.
+    default = tmp_path / "default.yaml"
+    default.write_text("{}\n")
+    rc, imported, err = _imported_after(["config", "--check", str(default)], _SIMULATORS)
+    assert rc == 0, err
+    assert imported == [], f"config --check imported {imported}"
+
+
+# -- exit 2 with one paragraph, never a traceback ----------------------------------------------
+
+def _assert_refused(out: subprocess.CompletedProcess[str], *expected: str) -> None:
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    message = [line for line in out.stderr.splitlines() if line.startswith("scopestream: error:")]
+    assert len(message) == 1, out.stderr[-2000:]
+    for text in expected:
+        assert text in message[0], message[0]
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"\x7fELF\x02\x01\x01\x00\x00\x00" + bytes(range(256)), "is not a text file"),
+    (b"acquisition:\n  exposure_ms: .inf\n", "acquisition.exposure_ms: Input should be a finite number"),
+    (b"track:\n  max_displacement_px: 1e308\n", "track.max_displacement_px: Input should be less than or equal to 1000"),
+    (b"optics:\n  na: true\n", "optics.na: Input should be a valid number (given True)"),
+    (b"bus:\n  capacity_frames: 100000000000\n", "bus.capacity_frames"),
+    (b"musical:\n  threshold: .nan\n", "musical.threshold: Input should be a finite number"),
+])
+def test_bad_files_exit_2_without_a_traceback(tmp_path: Path, content: bytes, expected: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    _assert_refused(run_cli("config", "--check", str(path)), expected)
+
+
+def test_yaml_alias_bomb_under_simulation_is_refused_at_once(tmp_path: Path) -> None:
+    lines = ["simulation:", '  l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    # today: 90 s and 2.7 GB, then MemoryError; the timeout is a hang guard, not a benchmark
+    _assert_refused(run_cli("config", "--check", str(path), timeout=60), "alias bomb")
+    _assert_refused(run_cli("run", "--config", str(path), timeout=60), "alias bomb")
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["run", "--set", "musical.region_px=4"], "musical: region_px (4) is smaller than the MUSICAL PSF window"),
+    (["config", "--check", "-", "--set", "musical.region_px=4"], "region_px (4)"),
+    (["run", "--set", "acquisition.exposure_ms=.inf"], "acquisition.exposure_ms"),
+    (["run", "--set", "bus.capacity_frames=1e11"], "bus.capacity_frames"),
+    (["run", "--set", "source.poll_interval_ms=1e9"], "source.poll_interval_ms: Input should be less than or equal to 1000"),
+    (["run", "--set", "localize.min_separation_px=.inf"], "localize.min_separation_px"),
+    (["run", "--set", "simulation.n_particles=true"], "simulation.n_particles"),
+])
+def test_bad_settings_exit_2_without_a_traceback(tmp_path: Path, args: list[str], expected: str) -> None:
+    if "-" in args:
+        (tmp_path / "empty.yaml").write_text("{}\n")
+        args = [str(tmp_path / "empty.yaml") if a == "-" else a for a in args]
+    _assert_refused(run_cli(*args), expected)
+
+
+def test_simulate_refuses_before_allocating(tmp_path: Path) -> None:
+    out, truth = str(tmp_path / "m.tif"), str(tmp_path / "t.csv")
+    # 1e9 frames of 64x64 (7.6 TiB): refused by the bound, nothing written
+    _assert_refused(run_cli("simulate", "widefield", "--frames", "1000000000", "--out", out, "--truth", truth),
+                    "--frames must be between 1 and")
+    # within the bound but beyond the free disk space: 2e6 frames of 8192x8192 px = 244 TiB
+    _assert_refused(run_cli("simulate", "widefield", "--frames", "2000000", "--size", "8192", "--out", out, "--truth", truth),
+                    "free", "TiB")
+    for setting in ("simulation.photons_per_frame=1e300", "simulation.D_um2_per_s=1e300"):
+        _assert_refused(run_cli("simulate", "widefield", "--frames", "3", "--out", out, "--truth", truth, "--set", setting),
+                        setting.split("=")[0])
+    assert not (tmp_path / "m.tif").exists()
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--subpixels", "1000"], "--subpixels must be between 1 and 64"),
+    (["--wavelength-nm", "1e9"], "--wavelength-nm"),
+    (["--na", "nan"], "--na"),
+    (["--device", "bogus"], "--device 'bogus'"),
+    (["--backend", "torch", "--device", "bogus"], "--"),
+])
+def test_musical_arguments_are_checked_before_any_work(tmp_path: Path, args: list[str], expected: str) -> None:
+    stack = np.random.default_rng(0).poisson(100, size=(20, 12, 12)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "s.tif", stack)
+    _assert_refused(run_cli("musical", str(tmp_path / "s.tif"), "--out", str(tmp_path / "o.tif"), *args), expected)
+
+
+# -- signals during start-up -------------------------------------------------------------------
+
+def _handlers_installed(pid: int, timeout_s: float = 30) -> bool:
+    """Wait until the process catches SIGTERM (Python leaves it at the default until main installs ours)."""
+    deadline = time.monotonic() + timeout_s
+    status = Path(f"/proc/{pid}/status")
+    while time.monotonic() < deadline:
+        try:
+            caught = next(int(x.split()[1], 16) for x in status.read_text().splitlines() if x.startswith("SigCgt:"))
+        except (OSError, StopIteration):
+            return False
+        if caught & (1 << (signal.SIGTERM - 1)):
+            return True
+        time.sleep(0.005)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc to see when the handlers are in")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_start_up_ends_the_run_as_aborted(signum: signal.Signals) -> None:
+    ev, ctl = _free_port(), _free_port()
+    env = {**os.environ, "UNICORE_SEQUENCE_BUFFER_MB": "64"}
+    with Subscriber(f"tcp://127.0.0.1:{ev}", ["welcome", "run_start", "run_stop"]) as sub:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scopestream.daemon._cli", "run", "--set", "stages=[frame_stats]",
+             "--set", "simulation.frame_height_px=64", "--set", "simulation.frame_width_px=64",
+             "--set", f"events.endpoint=tcp://127.0.0.1:{ev}", "--set", f"control.endpoint=tcp://127.0.0.1:{ctl}",
+             "--set", "metrics.enabled=false", "--set", "events.wait_for_subscriber_s=20"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        try:
+            assert _handlers_installed(proc.pid), "the handlers never came"
+            # Now: main has just begun; the configuration, the simulators and the camera are
+            # still being loaded (about a second), the daemon does not exist yet.
+            proc.send_signal(signum)
+            messages = []
+            while (m := sub.recv(30)) is not None:
+                if m.topic != "welcome":
+                    messages.append(m)
+                if m.topic == "run_stop":
+                    break
+            rc = proc.wait(30)
+            stderr = proc.stderr.read() if proc.stderr else ""
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert rc == 0, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert [m.topic for m in messages] == ["run_start", "run_stop"], [m.topic for m in messages]
+    stop = messages[-1].body
+    assert stop["exit_status"] == "aborted" and stop["reason"] == f"{signum.name} received"
+    assert stop["frames_received"] == stop["frames_processed"] + stop["frames_dropped"]
+
+
+# -- pymmcore-plus's installation message ------------------------------------------------------
+
+def _fresh_machine_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The command line as on a machine without mm-test-adapters or a Micro-Manager install."""
+    script = (
+        "import sys\n"
+        "sys.modules['mm_test_adapters'] = None  # not installed\n"
+        "from scopestream.daemon._cli import main\n"
+        f"sys.exit(main({list(args)!r}))\n"
+    )
+    env = {**os.environ, "UNICORE_SEQUENCE_BUFFER_MB": "64", "XDG_DATA_HOME": str(tmp_path / "data"),
+           "HOME": str(tmp_path)}
+    env.pop("MICROMANAGER_PATH", None)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_simulated_camera_run_says_nothing_about_micromanager(tmp_path: Path) -> None:
+    out = _fresh_machine_cli(
+        tmp_path, "run", "--set", "stages=[frame_stats]", "--set", "source.frames_limit=5",
+        "--set", "simulation.frame_height_px=32", "--set", "simulation.frame_width_px=32",
+        "--set", "events.endpoint=tcp://127.0.0.1:0", "--set", "control.endpoint=tcp://127.0.0.1:0",
+        "--set", "metrics.enabled=false",
+    )
+    assert out.returncode == 0, out.stderr
+    assert "run" in out.stderr and "5 frames received" in out.stderr, out.stderr
+    assert "Micro-Manager" not in out.stderr and "mmcore install" not in out.stderr, out.stderr
+
+
+def test_a_configuration_with_cpp_adapters_says_what_to_install(tmp_path: Path) -> None:
+    cfg = tmp_path / "demo.cfg"
+    cfg.write_text("Device,Camera,DemoCamera,DCam\nProperty,Core,Initialize,1\nProperty,Core,Camera,Camera\n")
+    out = _fresh_machine_cli(
+        tmp_path, "run", "--set", f"source.mm_config={cfg}", "--set", "stages=[frame_stats]",
+        "--set", "events.endpoint=tcp://127.0.0.1:0", "--set", "control.endpoint=tcp://127.0.0.1:0",
+        "--set", "metrics.enabled=false",
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "pip install 'scopestream[demo]'" in out.stderr and "mmcore install" in out.stderr, out.stderr
+    assert "Could not find a compatible Micro-Manager installation" not in out.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc to see when the handlers are in")
+def test_sigterm_ends_other_commands_with_a_message_not_a_traceback() -> None:
+    # `listen` on an endpoint where nobody publishes waits for ever; SIGTERM ends it with 128 + 15.
+    proc = subprocess.Popen([sys.executable, "-m", "scopestream.daemon._cli", "listen", "--endpoint",
+                             f"tcp://127.0.0.1:{_free_port()}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _handlers_installed(proc.pid)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+        stderr = proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 128 + signal.SIGTERM, stderr
+    assert "scopestream: interrupted by SIGTERM" in stderr and "Traceback" not in stderr

@@ -95,7 +95,11 @@ def test_bright_spots_clip_at_saturation_and_are_counted() -> None:
     ],
 )
 def test_impossible_camera_settings_are_refused(camera: dict, simulation: dict, key: str) -> None:
-    config = build_config({"camera": camera, "simulation": simulation})
+    # With a simulated camera as the source, validating the configuration already refuses them ...
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_config({"camera": camera, "simulation": simulation})
+    # ... and the simulators do, for a configuration whose source is something else.
+    config = build_config({"camera": camera, "simulation": simulation, "source": {"kind": "file", "file_path": "x.tif"}})
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         physics_from_config(config)
 
