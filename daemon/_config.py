@@ -86,6 +86,30 @@ class SourceConfig(_Section):
         None, gt=0, description="Pace file replay at this frame rate (live behaviour, frames may drop); None: as fast as possible, nothing dropped."
     )
     poll_interval_ms: float = Field(0.2, gt=0, description="How long the Micro-Manager drain thread sleeps when the buffer is empty, ms.")
+    on_error: Literal["stop", "reconnect"] = Field(
+        "stop",
+        description=(
+            "What a Micro-Manager source does when the camera fails mid-run (raises, stops its "
+            "acquisition by itself, vanishes): 'stop' ends the run (exit_status 'failed'); "
+            "'reconnect' reopens the core and restarts the sequence (continuous mode only). "
+            "Either way a source_error event is published."
+        ),
+    )
+    reconnect_attempts: int = Field(
+        3, ge=1, le=1000, description="Reconnect attempts per outage (on_error 'reconnect'); a reconnect that delivers a frame resets the count."
+    )
+    reconnect_delay_ms: float = Field(
+        500.0, ge=0, le=600_000, description="Wait before each reconnect attempt, ms."
+    )
+
+    @model_validator(mode="after")
+    def _reconnect_needs_continuous(self) -> SourceConfig:
+        if self.on_error == "reconnect" and self.mode == "mda":
+            raise ValueError(
+                "on_error: 'reconnect' works in mode 'continuous' only (an MDA sequence cannot be "
+                "resumed where it failed); use on_error: 'stop' with mode 'mda'"
+            )
+        return self
 
 
 class BusConfig(_Section):
@@ -140,8 +164,36 @@ class ScopestreamConfig(BaseModel):
         default_factory=dict, description="Simulated camera parameters (see scopestream.sim_camera)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _validate_stage_sections(cls, data: Any) -> Any:
+        """Validate each stage section (extra key) against its plugin's settings model, and
+        fill in the default section of every installed stage, before the model is built:
+        the frozen model's extra fields then hold settings models from the start."""
+        if not isinstance(data, Mapping):
+            return data  # an instance, or something pydantic will refuse with its own message
+        plugins = _plugins()
+        out = dict(data)
+        for key, value in data.items():
+            if key in cls.model_fields:
+                continue
+            if key not in plugins:
+                raise ValueError(
+                    f"unknown configuration section {key!r}; sections are "
+                    f"{sorted([*cls.model_fields, *plugins])}"
+                )
+            if not isinstance(value, plugins[key].settings_model):
+                try:
+                    out[key] = plugins[key].settings_model.model_validate(value)
+                except ValidationError as exc:  # name the section: `localize.threshold_snr`
+                    raise ValueError(describe_validation_error(exc, prefix=key)) from None
+        for name, plugin in plugins.items():
+            if name not in cls.model_fields:
+                out.setdefault(name, plugin.settings_model())
+        return out
+
     @model_validator(mode="after")
-    def _validate_stage_sections(self) -> ScopestreamConfig:
+    def _validate_stage_list(self) -> ScopestreamConfig:
         plugins = _plugins()
         unknown = [s for s in self.stages if s not in plugins]
         if unknown:
@@ -156,27 +208,14 @@ class ScopestreamConfig(BaseModel):
                     raise ValueError(
                         f"stage {name!r} needs {needed!r} to run before it; stages are {self.stages}"
                     )
-        extra = dict(self.__pydantic_extra__ or {})
-        for key, value in extra.items():
-            if key not in plugins:
-                raise ValueError(
-                    f"unknown configuration section {key!r}; sections are "
-                    f"{sorted([*type(self).model_fields, *plugins])}"
-                )
-            if not isinstance(value, plugins[key].settings_model):
-                try:
-                    extra[key] = plugins[key].settings_model.model_validate(value)
-                except ValidationError as exc:  # name the section: `localize.threshold_snr`
-                    raise ValueError(describe_validation_error(exc, prefix=key)) from None
-        for name, plugin in plugins.items():
-            extra.setdefault(name, plugin.settings_model())
-        object.__setattr__(self, "__pydantic_extra__", extra)
         return self
 
     def stage_settings(self, name: str) -> BaseModel:
         """The validated settings section of stage ``name``."""
-        extra = self.__pydantic_extra__ or {}
-        return extra[name]  # type: ignore[no-any-return]
+        section = (self.model_extra or {}).get(name)
+        if not isinstance(section, BaseModel):
+            raise KeyError(f"no settings section for stage {name!r}")
+        return section
 
 
 _PLUGIN_CACHE: dict[str, StagePlugin] | None = None
@@ -291,7 +330,7 @@ def config_with(config: ScopestreamConfig, key: str, value: Any) -> ScopestreamC
 def config_to_dict(config: ScopestreamConfig) -> dict[str, Any]:
     """The configuration as plain data (stage sections included)."""
     data = config.model_dump(mode="json")
-    for name, section in (config.__pydantic_extra__ or {}).items():
+    for name, section in (config.model_extra or {}).items():
         data[name] = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
     return data
 

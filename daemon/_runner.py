@@ -49,6 +49,7 @@ from scopestream.daemon._messages import (
     RunStartBody,
     RunStopBody,
     SourceDescription,
+    SourceErrorBody,
     StageErrorBody,
 )
 from scopestream.daemon._metrics import Metrics
@@ -58,7 +59,7 @@ from scopestream.daemon._stage import Emission, Stage, build_stage
 
 log = logging.getLogger(__name__)
 
-DROP_REASONS = ("camera_gap", "camera_overflow", "bus_full")
+DROP_REASONS = ("camera_gap", "camera_overflow", "bus_full", "source_error")
 
 
 class RunnerState(StrEnum):
@@ -190,7 +191,7 @@ class Runner:
                 raise RuntimeError(f"runner is {self._state.value}, not idle")
         self._description = self._source.open()
         self._t_start = time.time()
-        topics = sorted({"frame_stats", "run_start", "run_stop", "heartbeat", "dropped_frames", "stage_error"}
+        topics = sorted({"frame_stats", "run_start", "run_stop", "heartbeat", "dropped_frames", "stage_error", "source_error"}
                         | {t for name in self.config.stages for t in self._plugins[name].topics})
         self._router.publish(
             "run_start",
@@ -335,6 +336,10 @@ class Runner:
         if self._metrics is not None:
             self._metrics.frames_received.inc(count)
         self._count_dropped(reason, count, camera_image_number)
+
+    def source_error(self, body: SourceErrorBody) -> None:
+        """Publish the source's error on topic ``source_error`` (the source acts on it itself)."""
+        self._router.publish("source_error", body)
 
     def _count_dropped(self, reason: str, count: int, camera_image_number: int | None) -> None:
         with self._lock:
