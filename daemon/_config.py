@@ -86,6 +86,10 @@ class SourceConfig(_Section):
         None, gt=0, description="Pace file replay at this frame rate (live behaviour, frames may drop); None: as fast as possible, nothing dropped."
     )
     poll_interval_ms: float = Field(0.2, gt=0, description="How long the Micro-Manager drain thread sleeps when the buffer is empty, ms.")
+    sequence_buffer_mb: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="Micro-Manager circular (sequence) buffer, MB (setCircularBufferMemoryFootprint); None: the core's default (UNICORE_SEQUENCE_BUFFER_MB for Python cameras).",
+    )
     on_error: Literal["stop", "reconnect"] = Field(
         "stop",
         description=(

@@ -229,9 +229,11 @@ class MicroManagerSource:
             if core.hasProperty(camera, SIMULATION_PROPERTY):
                 core.setProperty(camera, SIMULATION_PROPERTY, json.dumps(config_to_dict(self._config)))
             core.setExposure(self._exposure_ms)
-        except Exception:
+            if src.sequence_buffer_mb is not None:
+                core.setCircularBufferMemoryFootprint(src.sequence_buffer_mb)
+        except Exception as exc:
             _release(core)
-            raise
+            raise InputError(f"cannot set up camera {camera!r} of {str(cfg_path)!r}: {exc}") from None
         return core, camera
 
     def start(self, sink: FrameSink) -> None:
