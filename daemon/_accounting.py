@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-DROP_REASONS = ("camera_gap", "camera_overflow", "bus_full")
+DROP_REASONS = ("camera_gap", "camera_overflow", "bus_full", "source_error")
 
 
 @dataclass(frozen=True, slots=True)

@@ -133,6 +133,34 @@ class SourceConfig(_Section):
         None, gt=0, le=100_000, description="Pace file replay at this frame rate (live behaviour, frames may drop); None: as fast as possible, nothing dropped."
     )
     poll_interval_ms: float = Field(0.2, gt=0, le=1000, description="How long the Micro-Manager drain thread sleeps when the buffer is empty, ms (at most 1000).")
+    sequence_buffer_mb: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="Micro-Manager circular (sequence) buffer, MB (setCircularBufferMemoryFootprint); None: the core's default (UNICORE_SEQUENCE_BUFFER_MB for Python cameras).",
+    )
+    on_error: Literal["stop", "reconnect"] = Field(
+        "stop",
+        description=(
+            "What a Micro-Manager source does when the camera fails mid-run (raises, stops its "
+            "acquisition by itself, vanishes): 'stop' ends the run (exit_status 'failed'); "
+            "'reconnect' reopens the core and restarts the sequence (continuous mode only). "
+            "Either way a source_error event is published."
+        ),
+    )
+    reconnect_attempts: int = Field(
+        3, ge=1, le=1000, description="Reconnect attempts per outage (on_error 'reconnect'); a reconnect that delivers a frame resets the count."
+    )
+    reconnect_delay_ms: float = Field(
+        500.0, ge=0, le=600_000, description="Wait before each reconnect attempt, ms."
+    )
+
+    @model_validator(mode="after")
+    def _reconnect_needs_continuous(self) -> SourceConfig:
+        if self.on_error == "reconnect" and self.mode == "mda":
+            raise ValueError(
+                "on_error: 'reconnect' works in mode 'continuous' only (an MDA sequence cannot be "
+                "resumed where it failed); use on_error: 'stop' with mode 'mda'"
+            )
+        return self
 
 
 class BusConfig(_Section):
@@ -246,48 +274,60 @@ class ScopestreamConfig(BaseModel):
             raise ValueError(str(exc)) from None
         return self
 
-    @model_validator(mode="after")
-    def _validate_stage_sections(self) -> ScopestreamConfig:
+    @model_validator(mode="before")
+    @classmethod
+    def _validate_stage_sections(cls, data: Any) -> Any:
+        """Check the stage list and validate each stage section (an extra key) against its plugin's
+        settings model before the frozen model is built, so that its extra fields hold settings
+        models from the start. Only the plugins this configuration names are imported."""
+        if not isinstance(data, Mapping):
+            return data  # pydantic refuses it with its own message
+        stages = data.get("stages", list(DEFAULT_STAGES))
+        if not isinstance(stages, list | tuple) or not all(isinstance(s, str) for s in stages):
+            return data  # the `stages` field reports it
         names = _plugin_names()
-        unknown = [s for s in self.stages if s not in names]
+        unknown = [s for s in stages if s not in names]
         if unknown:
-            raise ValueError(
-                f"unknown stage(s) {unknown}; installed stages: {sorted(names)}"
-            )
-        if len(set(self.stages)) != len(self.stages):
-            raise ValueError(f"a stage is listed twice in {self.stages}")
-        extra = dict(self.__pydantic_extra__ or {})
+            raise ValueError(f"unknown stage(s) {unknown}; installed stages: {sorted(names)}")
+        if len(set(stages)) != len(stages):
+            raise ValueError(f"a stage is listed twice in {list(stages)}")
+        extra = {key: value for key, value in data.items() if key not in cls.model_fields}
         for key in extra:
             if key not in names:
                 raise ValueError(
                     f"unknown configuration section {key!r}; sections are "
-                    f"{sorted([*type(self).model_fields, *names])}"
+                    f"{sorted([*cls.model_fields, *names])}"
                 )
-        # Only what this configuration names is imported (not every installed plugin).
-        plugins = {name: _load_plugin(name) for name in dict.fromkeys([*self.stages, *extra])}
+        plugins = {name: _load_plugin(name) for name in dict.fromkeys([*stages, *extra])}
         try:
-            check_products(self.stages, plugins)
+            check_products(stages, plugins)
         except ValueError:  # rare: import every installed plugin to name the one that would help
-            check_products(self.stages, {**stage_plugins(), **plugins})
+            check_products(stages, {**stage_plugins(), **plugins})
             raise
-        context = {"optics": self.optics, "camera": self.camera, "acquisition": self.acquisition, "source": self.source}
-        for name in plugins:
+        try:  # stage settings may check themselves against these sections (the pydantic context)
+            context = {name: section.model_validate(data.get(name, {}))
+                       for name, section in (("optics", OpticsConfig), ("camera", CameraConfig),
+                                             ("acquisition", AcquisitionConfig), ("source", SourceConfig))}
+        except ValidationError:
+            return data  # the section's own field reports it
+        out = dict(data)
+        for name, plugin in plugins.items():
             value = extra.get(name, {})
-            model = plugins[name].settings_model
-            if isinstance(value, BaseModel) and not isinstance(value, model):
-                value = value.model_dump()
-            if isinstance(value, model):
+            if isinstance(value, BaseModel):
                 value = value.model_dump()  # re-checked against this configuration's optics
-            try:  # stage settings may check themselves against the other sections (context)
-                extra[name] = model.model_validate(value, context=context)
+            try:
+                out[name] = plugin.settings_model.model_validate(value, context=context)
             except ValidationError as exc:  # name the section: `localize.threshold_snr`
                 raise ValueError(describe_validation_error(exc, prefix=name)) from None
+        return out
+
+    @model_validator(mode="after")
+    def _validate_simulation(self) -> ScopestreamConfig:
         if self.uses_simulated_camera:
             # Imported only here: the simulators pull in scipy.stats.
             from scopestream.sim_camera._settings import physics_from_config
 
             physics_from_config(self)  # raises ConfigError naming `simulation.<key>`
-        object.__setattr__(self, "__pydantic_extra__", extra)
         return self
 
     @property
@@ -297,13 +337,11 @@ class ScopestreamConfig(BaseModel):
 
     def stage_settings(self, name: str) -> BaseModel:
         """The validated settings section of stage ``name`` (a stage in ``stages`` or a section given)."""
-        extra = self.__pydantic_extra__ or {}
-        try:
-            return extra[name]  # type: ignore[no-any-return]
-        except KeyError:
-            raise KeyError(
-                f"no settings section {name!r} in this configuration; it has {sorted(extra)}"
-            ) from None
+        extra = self.model_extra or {}
+        section = extra.get(name)
+        if not isinstance(section, BaseModel):
+            raise KeyError(f"no settings section {name!r} in this configuration; it has {sorted(extra)}")
+        return section
 
 
 _REGISTERED: dict[str, StagePlugin] = {}
@@ -536,7 +574,7 @@ def config_with(config: ScopestreamConfig, key: str, value: Any) -> ScopestreamC
 def config_to_dict(config: ScopestreamConfig) -> dict[str, Any]:
     """The configuration as plain data (stage sections included)."""
     data = config.model_dump(mode="json")
-    for name, section in (config.__pydantic_extra__ or {}).items():
+    for name, section in (config.model_extra or {}).items():
         data[name] = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
     return data
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = "1.0"
 
-ENGINE_TOPICS = ("run_start", "run_stop", "heartbeat", "dropped_frames", "stage_error", "welcome", "action")
+ENGINE_TOPICS = ("run_start", "run_stop", "heartbeat", "dropped_frames", "stage_error", "source_error", "welcome", "action")
 
 
 class _Frozen(BaseModel):
@@ -99,7 +99,9 @@ class HeartbeatBody(FrameCounts):
 class DroppedFramesBody(_Frozen):
     """Frames lost, published when it happens."""
 
-    reason: Literal["camera_gap", "camera_overflow", "bus_full"] = Field(description="Where they were lost.")
+    reason: Literal["camera_gap", "camera_overflow", "bus_full", "source_error"] = Field(
+        description="Where they were lost: 'camera_gap' (missing camera image numbers, or frames the camera would have taken while it was reconnecting), 'camera_overflow', 'bus_full', 'source_error' (a frame the source could not read, e.g. a corrupt file page; a source_error event names it)."
+    )
     count: int = Field(ge=1, description="Frames lost in this incident.")
     frames_dropped_total: int = Field(ge=0, description="All frames dropped so far in this run.")
     camera_image_number: int | None = Field(None, description="Camera ImageNumber of the first frame after the gap (camera_gap).")
@@ -111,6 +113,22 @@ class StageErrorBody(_Frozen):
     stage: str = Field(description="Stage name.")
     error: str = Field(description="Exception type and message.")
     errors_total: int = Field(ge=1, description="Frames this stage has failed on so far.")
+
+
+class SourceErrorBody(_Frozen):
+    """The source failed: the camera raised, stopped its acquisition by itself or vanished, or a
+    recorded frame could not be read. ``action`` says what happens next."""
+
+    source_kind: str = Field(description="'micromanager' or 'file'.")
+    error: str = Field(description="What went wrong, in words (exception type and message where there was one).")
+    frames_delivered: int = Field(ge=0, description="Frames the source had delivered to the daemon in this run when the error happened.")
+    action: Literal["stop", "reconnect", "skip_frame"] = Field(
+        description="'stop': the run ends (run_stop follows with exit_status 'failed'); 'reconnect': the source reopens the camera and restarts the acquisition (source.on_error: reconnect), frames missed meanwhile are counted dropped as 'camera_gap'; 'skip_frame': the frame is counted dropped as 'source_error' and the run goes on."
+    )
+    reconnecting: bool = Field(description="True when the source will try to reconnect (action 'reconnect').")
+    reconnect_attempt: int = Field(ge=0, description="Which reconnect attempt follows (1 = the first after this outage); 0 when not reconnecting.")
+    reconnect_attempts_max: int = Field(ge=0, description="source.reconnect_attempts: attempts allowed per outage.")
+    frame_index: int | None = Field(None, description="The frame of the file that could not be read (action 'skip_frame').")
 
 
 class WelcomeBody(_Frozen):
@@ -154,6 +172,7 @@ ENGINE_BODIES: dict[str, type[BaseModel]] = {
     "heartbeat": HeartbeatBody,
     "dropped_frames": DroppedFramesBody,
     "stage_error": StageErrorBody,
+    "source_error": SourceErrorBody,
     "welcome": WelcomeBody,
 }
 

@@ -243,36 +243,41 @@ class Do(BaseModel):
         "pause_acquisition", "resume_acquisition", "stop_acquisition", "run_mda", "mark",
     ] = Field(description="The action (parameters as in the control channel's act command).")
 
-    @model_validator(mode="after")
-    def _params(self) -> Do:
-        model = REQUEST_MODELS[self.action]
+    @model_validator(mode="before")
+    @classmethod
+    def _params(cls, data: Any) -> Any:
+        """Check and parse the parameters before the frozen model is built (its extra fields then
+        hold the parsed values from the start)."""
+        if not isinstance(data, Mapping) or data.get("action") not in REQUEST_MODELS:
+            return data  # the `action` field reports it
+        action = data["action"]
+        model = REQUEST_MODELS[action]
         allowed = set(model.model_fields) - {"action"}
-        extra = dict(self.__pydantic_extra__ or {})
+        extra = {k: v for k, v in data.items() if k != "action"}
         unknown = sorted(set(extra) - allowed)
         if unknown:
-            raise ValueError(f"{self.action} takes no parameter(s) {unknown}; it takes {sorted(allowed)}")
+            raise ValueError(f"{action} takes no parameter(s) {unknown}; it takes {sorted(allowed)}")
         missing = sorted(n for n, f in model.model_fields.items() if n != "action" and f.is_required() and n not in extra)
         if missing:
-            raise ValueError(f"{self.action} needs parameter(s) {missing}")
+            raise ValueError(f"{action} needs parameter(s) {missing}")
         from pydantic import TypeAdapter
 
         adapter: TypeAdapter[Any] = TypeAdapter(Value)
         parsed: dict[str, Any] = {}
         for name, raw in extra.items():
-            if name == "sequence" or isinstance(raw, bool | int | float | str) or raw is None:
+            if name == "sequence" or isinstance(raw, bool | int | float | str) or raw is None or isinstance(raw, BaseModel):
                 parsed[name] = raw
             else:
                 parsed[name] = adapter.validate_python(raw)
         if all(not isinstance(v, BaseModel) for v in parsed.values()):
             try:  # literal parameters only: the request must already be valid
-                parse_action({"action": self.action, **parsed})
+                parse_action({"action": action, **parsed})
             except ActionError as exc:
                 raise ValueError(str(exc)) from None
-        object.__setattr__(self, "__pydantic_extra__", parsed)
-        return self
+        return {"action": action, **parsed}
 
     def params(self) -> dict[str, Any]:
-        return dict(self.__pydantic_extra__ or {})
+        return dict(self.model_extra or {})
 
 
 class RuleConfig(_Node):

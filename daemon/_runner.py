@@ -56,6 +56,7 @@ from scopestream.daemon._messages import (
     RunStartBody,
     RunStopBody,
     SourceDescription,
+    SourceErrorBody,
 )
 from scopestream.daemon._metrics import Metrics
 from scopestream.daemon._offload import Offload as OffloadService
@@ -215,7 +216,7 @@ class Runner:
             self._close_source()
             raise
         self._t_start = time.time()
-        topics = sorted({"frame_stats", "run_start", "run_stop", "heartbeat", "dropped_frames", "stage_error"}
+        topics = sorted({"frame_stats", "run_start", "run_stop", "heartbeat", "dropped_frames", "stage_error", "source_error", "action"}
                         | {t for name in self.config.stages for t in self._plugins[name].topics})
         self._router.publish(
             "run_start",
@@ -376,6 +377,10 @@ class Runner:
             reason = "camera_gap"
         self.accounting.receive(count, delivered=False)  # lost frames keep their place in the numbering
         self._count_dropped(reason, count, camera_image_number)
+
+    def source_error(self, body: SourceErrorBody) -> None:
+        """Publish the source's error on topic ``source_error`` (the source acts on it itself)."""
+        self._router.publish("source_error", body)
 
     def _count_dropped(self, reason: str, count: int, camera_image_number: int | None) -> None:
         self.accounting.dropped(reason, count, camera_image_number)

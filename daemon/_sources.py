@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 from scopestream.daemon._actuators import ActionError, Actuators, MicroManagerActuators, NoActuators
 from scopestream.daemon._config import ConfigError, ScopestreamConfig, config_to_dict
 from scopestream.daemon._errors import InputError
-from scopestream.daemon._messages import SourceDescription
+from scopestream.daemon._messages import SourceDescription, SourceErrorBody
 
 if TYPE_CHECKING:
     from pymmcore_plus.experimental.unicore import UniMMCore
@@ -46,13 +47,26 @@ class FrameSink(Protocol):
 
     def missed(self, count: int, reason: str, camera_image_number: int | None = None) -> None: ...
 
+    def source_error(self, body: SourceErrorBody) -> None:
+        """The source failed; ``body.action`` says whether it stops, reconnects or skips a frame.
+
+        Called on the source's thread before the source acts on the error (before it ends, so
+        the event precedes ``run_stop``; before it reconnects; before the skipped frame is
+        counted with :meth:`missed`)."""
+        ...
+
+
+class CameraFailure(RuntimeError):
+    """The camera failed mid-run: it raised, stopped its acquisition by itself, or vanished."""
+
 
 @runtime_checkable
 class FrameSource(Protocol):
     """A camera or a file. ``open`` connects, ``start`` begins delivering on the source's own thread.
 
     ``finished`` is set when the source ends by itself (frame limit, end of file, camera error);
-    ``error`` then says why, if it was an error.
+    ``error`` then says why, if it was an error. Errors mid-run are also reported to the sink
+    with :meth:`FrameSink.source_error` as they happen.
     """
 
     finished: threading.Event
@@ -138,11 +152,20 @@ class MicroManagerSource:
     (the DemoCamera clears its buffer on overflow without raising the overflow flag) and from
     ``isBufferOverflowed``. MDA mode runs a ``useq.MDASequence`` through ``core.mda`` and takes
     frames from ``frameReady``.
+
+    A camera that fails mid-run (a core call raises, the sequence stops by itself, the camera
+    device is unloaded) is reported with :meth:`FrameSink.source_error`. With
+    ``source.on_error: stop`` the source then ends with :attr:`error` set; with ``reconnect``
+    (continuous mode) it releases the core, waits ``source.reconnect_delay_ms``, loads the
+    configuration into a new core and restarts the sequence, up to ``source.reconnect_attempts``
+    times per outage. The frames the camera would have taken meanwhile (the outage over the
+    frame period measured before it) are counted as missed, reason ``camera_gap``.
     """
 
     def __init__(self, config: ScopestreamConfig) -> None:
         self._config = config
         self._core: UniMMCore | None = None
+        self._core_lock = threading.RLock()  # the core may be replaced by a reconnect
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._paused = threading.Event()
@@ -152,13 +175,44 @@ class MicroManagerSource:
         self.error: str | None = None
         self._last_image_number: int | None = None
         self._overflow_pending = False
+        self._exposure_ms = config.acquisition.exposure_ms
+        self._cfg_path = ""
+        self.frames_delivered = 0
+        self._frames_seen = 0  # delivered + known missed: what source.frames_limit counts
+        self._mda_expected: int | None = None
+        # Timing of delivered frames (camera time stamps), to size a reconnect's gap.
+        self._t_last_frame: float | None = None
+        self._intervals_s: deque[float] = deque(maxlen=64)
+        self._gap_since: float | None = None
+
+    @property
+    def core(self) -> UniMMCore | None:
+        """The core this source drives (None before ``open`` and after ``close``)."""
+        return self._core
 
     # lifecycle ---------------------------------------------------------------------------
     def open(self) -> SourceDescription:
+        src = self._config.source
+        core, camera = self._open_core()
+        self._core = core
+        dtype = {1: "uint8", 2: "uint16", 4: "uint32"}.get(core.getBytesPerPixel(), "uint16")
+        return SourceDescription(
+            kind="micromanager",
+            detail=self._cfg_path,
+            camera=camera,
+            width_px=core.getImageWidth(),
+            height_px=core.getImageHeight(),
+            dtype=dtype,
+            mode=src.mode,
+        )
+
+    def _open_core(self) -> tuple[UniMMCore, str]:
+        """A new core with the configuration loaded and the camera set up; (core, camera)."""
         from pymmcore_plus.experimental.unicore import UniMMCore
 
         src = self._config.source
         cfg_path, adapter_paths = resolve_mm_config(src.mm_config)
+        self._cfg_path = str(cfg_path)
         core = UniMMCore()
         paths = [*adapter_paths, *src.mm_adapter_paths]
         if paths:
@@ -172,20 +226,16 @@ class MicroManagerSource:
         if not camera:
             _release(core)
             raise InputError(f"Micro-Manager configuration {str(cfg_path)!r} sets no camera device")
-        if core.hasProperty(camera, SIMULATION_PROPERTY):
-            core.setProperty(camera, SIMULATION_PROPERTY, json.dumps(config_to_dict(self._config)))
-        core.setExposure(self._config.acquisition.exposure_ms)
-        self._core = core
-        dtype = {1: "uint8", 2: "uint16", 4: "uint32"}.get(core.getBytesPerPixel(), "uint16")
-        return SourceDescription(
-            kind="micromanager",
-            detail=str(cfg_path),
-            camera=camera,
-            width_px=core.getImageWidth(),
-            height_px=core.getImageHeight(),
-            dtype=dtype,
-            mode=src.mode,
-        )
+        try:
+            if core.hasProperty(camera, SIMULATION_PROPERTY):
+                core.setProperty(camera, SIMULATION_PROPERTY, json.dumps(config_to_dict(self._config)))
+            core.setExposure(self._exposure_ms)
+            if src.sequence_buffer_mb is not None:
+                core.setCircularBufferMemoryFootprint(src.sequence_buffer_mb)
+        except Exception as exc:
+            _release(core)
+            raise InputError(f"cannot set up camera {camera!r} of {str(cfg_path)!r}: {exc}") from None
+        return core, camera
 
     def start(self, sink: FrameSink) -> None:
         assert self._core is not None, "open() first"
@@ -193,7 +243,7 @@ class MicroManagerSource:
         if self._config.source.mode == "mda":
             self._start_mda()
         else:
-            self._start_sequence()
+            self._start_sequence(self._core)
             self._thread = threading.Thread(target=self._drain, name="scopestream-camera", daemon=True)
             self._thread.start()
 
@@ -214,25 +264,28 @@ class MicroManagerSource:
         self._paused.clear()
 
     def set_exposure_ms(self, exposure_ms: float) -> None:
-        assert self._core is not None
-        self._core.setExposure(exposure_ms)
+        with self._core_lock:
+            if self._core is None:
+                raise ValueError("the camera is not connected (reconnecting, or closed)")
+            self._core.setExposure(exposure_ms)
+            self._exposure_ms = exposure_ms  # a reconnect applies it to the new core
 
     def stop(self) -> None:
         core = self._core
-        if core is None:
-            return
         self._stop.set()
         if self._config.source.mode == "mda":
-            if core.mda.is_running():
+            if core is not None and core.mda.is_running():
                 core.mda.cancel()
-            self._mda_done.wait(timeout=10)
+            if core is not None:
+                self._mda_done.wait(timeout=10)
         elif self._thread is not None:
             self._thread.join(timeout=10)
 
     def close(self) -> None:
-        if self._core is not None:
-            _release(self._core)
-            self._core = None
+        with self._core_lock:
+            if self._core is not None:
+                _release(self._core)
+                self._core = None
 
     # actuators ---------------------------------------------------------------------------
     def actuators(self) -> Actuators:
@@ -295,74 +348,189 @@ class MicroManagerSource:
         return {"events": sum(1 for _ in seq), "frames_delivered": delivered, "acquisition": "paused" if was_paused else "running"}
 
     # continuous --------------------------------------------------------------------------
-    def _start_sequence(self) -> None:
-        assert self._core is not None
+    def _start_sequence(self, core: UniMMCore) -> None:
         limit = self._config.source.frames_limit
         self._last_image_number = None
         if limit is None:
-            self._core.startContinuousSequenceAcquisition(0)
+            core.startContinuousSequenceAcquisition(0)
         else:
-            self._core.startSequenceAcquisition(limit, 0, False)
+            core.startSequenceAcquisition(max(1, limit - self._frames_seen), 0, False)
+
+    def _limit_reached(self) -> bool:
+        limit = self._config.source.frames_limit
+        return limit is not None and self._frames_seen >= limit
 
     def _drain(self) -> None:
-        core = self._core
         sink = self._sink
-        assert core is not None and sink is not None
-        poll_s = self._config.source.poll_interval_ms / 1000.0
-        acquiring = True
+        assert sink is not None
+        src = self._config.source
+        attempt = 0  # reconnect attempts in the current outage
+        core = self._core
+        message = "the Micro-Manager core was released under the source"
         try:
             while True:
-                if self._stop.is_set() or self._paused.is_set():
-                    if acquiring:
-                        core.stopSequenceAcquisition()
-                        acquiring = False
-                    while core.getRemainingImageCount():  # deliver what the camera already took
-                        self._pop(core, sink)
+                delivered_before = self.frames_delivered
+                if core is not None:
+                    try:
+                        self._acquire(core, sink)
+                        return  # stopped, or the frame limit reached
+                    except CameraFailure as exc:
+                        message = str(exc)
+                    except Exception as exc:  # the camera vanished or the adapter failed
+                        message = f"camera error: {type(exc).__name__}: {exc}"
+                        if _camera_gone(core):  # say why the call failed, not only how
+                            message = f"{_why_stopped(core)} ({type(exc).__name__}: {exc})"
+                if self.frames_delivered > delivered_before:
+                    attempt = 0  # the last reconnect worked: this is a new outage
+                if self._stop.is_set():
+                    log.warning("%s (while stopping)", message)
+                    return
+                attempt += 1
+                reconnect = src.on_error == "reconnect" and attempt <= src.reconnect_attempts
+                self._report(sink, message, attempt if reconnect else 0)
+                if not reconnect:
+                    if src.on_error == "reconnect":
+                        message = f"{message} (gave up after {src.reconnect_attempts} reconnect attempt(s))"
+                    self.error = message
+                    log.error("%s", message)
+                    return
+                log.warning("%s; reconnecting (attempt %d of %d)", message, attempt, src.reconnect_attempts)
+                if self._gap_since is None:
+                    self._gap_since = self._t_last_frame if self._t_last_frame is not None else time.time()
+                core, failure = self._reconnect()
+                if core is None:
                     if self._stop.is_set():
                         return
-                    time.sleep(poll_s)
-                    continue
-                if not acquiring:  # resumed
-                    self._start_sequence()
-                    acquiring = True
-                if core.getRemainingImageCount():
+                    message = failure or message
+        finally:
+            with self._core_lock:
+                core = self._core
+                try:
+                    if core is not None and core.isSequenceRunning():
+                        core.stopSequenceAcquisition()
+                except Exception:  # noqa: BLE001 - already failing; keep the first error
+                    pass
+            self.finished.set()
+
+    def _report(self, sink: FrameSink, message: str, attempt: int) -> None:
+        src = self._config.source
+        body = SourceErrorBody(
+            source_kind="micromanager",
+            error=message,
+            frames_delivered=self.frames_delivered,
+            action="reconnect" if attempt else "stop",
+            reconnecting=bool(attempt),
+            reconnect_attempt=attempt,
+            reconnect_attempts_max=src.reconnect_attempts if src.on_error == "reconnect" else 0,
+        )
+        try:
+            sink.source_error(body)
+        except Exception as exc:  # noqa: BLE001 - reporting must not change what the source does
+            log.error("the sink refused a source_error event: %s", exc)
+
+    def _reconnect(self) -> tuple[UniMMCore | None, str | None]:
+        """Release the failed core, wait, open a new one and restart the sequence.
+
+        Returns ``(core, None)`` on success, ``(None, why)`` when this attempt failed, and
+        ``(None, None)`` when a stop came during the wait."""
+        with self._core_lock:
+            old, self._core = self._core, None
+        if old is not None:
+            _release(old)
+        if self._stop.wait(self._config.source.reconnect_delay_ms / 1000.0):
+            return None, None
+        try:
+            core, _ = self._open_core()
+        except Exception as exc:  # noqa: BLE001 - the next attempt, or the final error
+            return None, f"reconnect failed: {exc}"
+        try:
+            self._start_sequence(core)
+        except Exception as exc:  # noqa: BLE001
+            _release(core)
+            return None, f"reconnect failed: the camera did not start: {type(exc).__name__}: {exc}"
+        with self._core_lock:
+            self._core = core
+        return core, None
+
+    def _acquire(self, core: UniMMCore, sink: FrameSink) -> None:
+        """Drain one core until stopped or the frame limit; raise :class:`CameraFailure` or the
+        core's own error when the camera fails."""
+        poll_s = self._config.source.poll_interval_ms / 1000.0
+        acquiring = True
+        while True:
+            if self._stop.is_set() or self._paused.is_set():
+                if acquiring:
+                    core.stopSequenceAcquisition()
+                    acquiring = False
+                while core.getRemainingImageCount():  # deliver what the camera already took
                     self._pop(core, sink)
-                    continue
-                if core.isBufferOverflowed():
-                    log.warning("Micro-Manager circular buffer overflowed; clearing it")
-                    self._overflow_pending = True
-                    core.clearCircularBuffer()
-                    continue
-                if not core.isSequenceRunning():
-                    if core.getRemainingImageCount():
-                        continue
-                    if self._config.source.frames_limit is None:
-                        self.error = "the camera stopped its sequence acquisition by itself"
+                if self._stop.is_set():
                     return
                 time.sleep(poll_s)
-        except Exception as exc:  # the camera vanished or the adapter failed
-            self.error = f"camera error: {type(exc).__name__}: {exc}"
-            log.error("%s", self.error)
-        finally:
-            try:
-                if core.isSequenceRunning():
-                    core.stopSequenceAcquisition()
-            except Exception:  # noqa: BLE001 - already failing; keep the first error
-                pass
-            self.finished.set()
+                continue
+            if not acquiring:  # resumed
+                self._start_sequence(core)
+                acquiring = True
+            if core.getRemainingImageCount():
+                self._pop(core, sink)
+                continue
+            if core.isBufferOverflowed():
+                log.warning("Micro-Manager circular buffer overflowed; clearing it")
+                self._overflow_pending = True
+                core.clearCircularBuffer()
+                continue
+            if not core.isSequenceRunning():
+                if core.getRemainingImageCount():
+                    continue
+                if self._limit_reached():
+                    return
+                raise CameraFailure(_why_stopped(core))
+            time.sleep(poll_s)
 
     def _pop(self, core: UniMMCore, sink: FrameSink) -> None:
         image, raw_md = core.popNextImageAndMD()
         md = dict(raw_md)  # pymmcore's Metadata.get raises on a missing key
         number = _int_or_none(md.get("ImageNumber"))
-        if number is not None:
+        t_acq = _t_acquired(md)
+        follows = self._t_last_frame is not None  # this frame directly follows the last one
+        if self._gap_since is not None:  # first frame after a reconnect
+            lost = self._frames_lost_since(self._gap_since, t_acq)
+            self._gap_since = None
+            follows = False
+            if lost:
+                self._frames_seen += lost
+                sink.missed(lost, "camera_gap", number)
+        elif number is not None:
             last = self._last_image_number
             if last is not None and number > last + 1:
                 reason = "camera_overflow" if self._overflow_pending else "camera_gap"
+                self._frames_seen += number - last - 1
+                follows = False
                 sink.missed(number - last - 1, reason, number)
+        if number is not None:
             self._overflow_pending = False
             self._last_image_number = number
-        sink.deliver(image, _t_acquired(md), number, md)
+        if follows and self._t_last_frame is not None:
+            # The camera's own frame period sizes a reconnect's gap: the median interval between
+            # recent frames with nothing missed between them (robust to a stall and the burst
+            # that catches up after it, which a mean or a moving average is not).
+            self._intervals_s.append(t_acq - self._t_last_frame)
+        self._t_last_frame = t_acq
+        self._frames_seen += 1
+        self.frames_delivered += 1
+        sink.deliver(image, t_acq, number, md)
+
+    def _frames_lost_since(self, t_last_s: float, t_now_s: float) -> int:
+        """Frames the camera would have taken between two delivered frames (exclusive)."""
+        period_s = float(np.median(self._intervals_s)) if self._intervals_s else 0.0
+        if period_s <= 0:
+            acq = self._config.acquisition
+            period_s = max(acq.frame_interval_ms, self._exposure_ms) / 1000.0
+        lost = max(0, round((t_now_s - t_last_s) / period_s) - 1)
+        limit = self._config.source.frames_limit
+        if limit is not None:  # frames_limit counts received frames; this one must still fit
+            lost = min(lost, max(0, limit - self._frames_seen - 1))
+        return int(lost)
 
     # MDA ---------------------------------------------------------------------------------
     def _start_mda(self) -> None:
@@ -377,6 +545,7 @@ class MicroManagerSource:
             else:
                 loops = src.frames_limit or 2**31 - 1
                 sequence = useq.MDASequence(time_plan=useq.TIntervalLoops(interval=0, loops=loops))
+                self._mda_expected = loops
         except Exception as exc:
             raise ConfigError(f"source.mda_sequence: not a valid useq.MDASequence: {exc}") from None
         if not core.getShutterDevice():
@@ -395,11 +564,55 @@ class MicroManagerSource:
             number = _int_or_none(cam_md.get("ImageNumber"))
             t_acq = _t_acquired(cam_md)
         index = dict(getattr(event, "index", {}) or {})
+        self.frames_delivered += 1
         self._sink.deliver(image, t_acq, number, {"mda_index": index, **(meta if isinstance(meta, Mapping) else {})})
 
     def _on_mda_finished(self, *args: Any) -> None:
-        self._mda_done.set()
-        self.finished.set()
+        """The MDA ended: completed, cancelled by us, or failed (the runner's finish reason says
+        'errored', or fewer frames came than the default sequence asks for)."""
+        try:
+            core = self._core
+            message = None
+            if core is not None and not self._stop.is_set():
+                reason = str(getattr(core.mda.status, "finish_reason", "") or "")
+                expected = self._mda_expected
+                if reason == "errored":
+                    message = f"the MDA sequence failed: {_why_stopped(core)}"
+                elif expected is not None and self.frames_delivered < expected:
+                    message = (f"the MDA sequence ended after {self.frames_delivered} of {expected} frames: "
+                               f"{_why_stopped(core)}")
+            if message is not None and self._sink is not None:
+                self._report(self._sink, message, 0)
+                self.error = message
+                log.error("%s", message)
+        finally:
+            self._mda_done.set()
+            self.finished.set()
+
+
+def _camera_gone(core: UniMMCore) -> bool:
+    try:
+        return not core.getCameraDevice()
+    except Exception:  # noqa: BLE001
+        return True
+
+
+def _why_stopped(core: UniMMCore) -> str:
+    """Words for a sequence that stopped without being asked to."""
+    try:
+        camera = core.getCameraDevice()
+    except Exception as exc:  # noqa: BLE001
+        return f"the camera vanished ({type(exc).__name__}: {exc})"
+    if not camera:
+        return "the camera device vanished (it is no longer loaded in the core)"
+    detail = ""
+    try:
+        if core.hasProperty(camera, "LastError"):
+            detail = str(core.getProperty(camera, "LastError"))
+    except Exception:  # noqa: BLE001 - the camera may be half gone
+        pass
+    text = f"camera {camera!r} stopped its sequence acquisition by itself"
+    return f"{text}: {detail}" if detail else text
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -450,7 +663,10 @@ class FileSource:
     """A multi-page TIFF / OME-TIFF, frame by frame (memory-mapped when the file allows it).
 
     With ``replay_fps`` frames are paced like a live camera (and may be dropped downstream);
-    without, they are read as fast as the pipeline takes them and nothing is dropped.
+    without, they are read as fast as the pipeline takes them and nothing is dropped. A page
+    that does not decode (corrupt compressed data, a page of another shape) is reported with
+    :meth:`FrameSink.source_error` (action ``skip_frame``) and counted missed, reason
+    ``source_error``; the replay goes on with the next page.
     """
 
     def __init__(self, path: str | Path, replay_fps: float | None = None, frames_limit: int | None = None) -> None:
@@ -465,6 +681,8 @@ class FileSource:
         self._frames: Any = None
         self._tif: Any = None
         self.n_frames = 0
+        self.frames_delivered = 0
+        self.frames_skipped = 0
 
     def open(self) -> SourceDescription:
         import tifffile
@@ -520,13 +738,35 @@ class FileSource:
                     delay = t0 + paused_s + i * period_s - time.perf_counter()
                     if delay > 0:
                         time.sleep(delay)
-                image = np.asarray(self._frames[i])
+                try:
+                    image = np.asarray(self._frames[i])
+                except Exception as exc:  # a page that does not decode: skip it, count it
+                    self._skip_frame(sink, i, exc)
+                    continue
+                self.frames_delivered += 1
                 sink.deliver(image, time.time(), i, {"file_index": i})
         except Exception as exc:
             self.error = f"cannot read frame from {str(self.path)!r}: {exc}"
             log.error("%s", self.error)
+            sink.source_error(SourceErrorBody(
+                source_kind="file", error=self.error, frames_delivered=self.frames_delivered,
+                action="stop", reconnecting=False, reconnect_attempt=0, reconnect_attempts_max=0,
+            ))
         finally:
             self.finished.set()
+
+    def _skip_frame(self, sink: FrameSink, index: int, exc: Exception) -> None:
+        """Report a frame that cannot be read, then count it dropped (reason ``source_error``)."""
+        self.frames_skipped += 1
+        message = f"{str(self.path)!r}: frame {index} cannot be read: {type(exc).__name__}: {exc}"
+        if self.frames_skipped <= 10 or self.frames_skipped % 1000 == 0:
+            log.warning("%s (%d unreadable so far)", message, self.frames_skipped)
+        sink.source_error(SourceErrorBody(
+            source_kind="file", error=message, frames_delivered=self.frames_delivered,
+            action="skip_frame", reconnecting=False, reconnect_attempt=0, reconnect_attempts_max=0,
+            frame_index=index,
+        ))
+        sink.missed(1, "source_error", index)
 
     def pause(self) -> None:
         self._paused.set()

@@ -597,7 +597,7 @@ def locate(image: np.ndarray, config: ScopestreamConfig | None = None, **setting
         On invalid settings (the message names the key) or an unusable image.
     """
     config = config if config is not None else ScopestreamConfig()
-    base = config.stage_settings("localize") if "localize" in (config.__pydantic_extra__ or {}) else LocalizeSettings()
+    base = config.stage_settings("localize") if "localize" in (config.model_extra or {}) else LocalizeSettings()
     try:
         merged = LocalizeSettings.model_validate({**base.model_dump(), **settings})
     except ValidationError as exc:

@@ -100,16 +100,7 @@ class Tracker:
     """
 
     def __init__(self, settings: TrackSettings) -> None:
-        self.settings = settings
-        s = settings
-        self._q_pos = 2.0 * (
-            s.diffusion_px2_per_frame if s.diffusion_px2_per_frame is not None else (s.max_displacement_px / 3.0) ** 2 / 2.0
-        )
-        self._q_acc = s.acceleration_px_per_frame2**2 if s.motion_model == "constant_velocity" else 0.0
-        self._gate_d2 = -2.0 * math.log(1.0 - s.gate_probability)
-        # No-link cost for a track and for a detection: linking a gated pair (d^2 < gate) always
-        # beats leaving both unlinked (cost 2 * gate / 2).
-        self._no_link = 0.5 * self._gate_d2
+        self.apply_settings(settings)
         self._next_id = 0
         self._last_frame: int | None = None
         self.ids = np.empty(0, dtype=np.int64)
@@ -117,16 +108,24 @@ class Tracker:
         self.cov = np.empty((0, 2, 2))  # track, 2x2 per-axis covariance (same for x and y)
         self.missed = np.empty(0, dtype=np.int64)
 
-    def reconfigure(self, settings: TrackSettings) -> None:
-        """Use new settings from the next frame on, keeping the open tracks.
+    def apply_settings(self, settings: TrackSettings) -> None:
+        """Use ``settings`` from the next frame on; open tracks and their ids are kept.
 
-        All-or-nothing: the derived parameters are computed first, so settings that cannot be
-        used (an overflow) raise here and leave the tracker as it was.
+        The motion model's noise, the gate and the no-link cost follow from the settings. All or
+        nothing: they are computed before any is assigned, so settings that cannot be used (an
+        overflow) raise here and leave the tracker as it was.
         """
-        fresh = Tracker(settings)
+        s = settings
+        q_pos = 2.0 * (
+            s.diffusion_px2_per_frame if s.diffusion_px2_per_frame is not None else (s.max_displacement_px / 3.0) ** 2 / 2.0
+        )
+        q_acc = s.acceleration_px_per_frame2**2 if s.motion_model == "constant_velocity" else 0.0
+        gate_d2 = -2.0 * math.log(1.0 - s.gate_probability)
         self.settings = settings
-        self._q_pos, self._q_acc = fresh._q_pos, fresh._q_acc
-        self._gate_d2, self._no_link = fresh._gate_d2, fresh._no_link
+        self._q_pos, self._q_acc, self._gate_d2 = q_pos, q_acc, gate_d2
+        # No-link cost for a track and for a detection: linking a gated pair (d^2 < gate) always
+        # beats leaving both unlinked (cost 2 * gate / 2).
+        self._no_link = 0.5 * gate_d2
 
     @property
     def open_tracks(self) -> int:
@@ -370,7 +369,7 @@ class TrackStage:
         All-or-nothing: the new tracker is built first, so settings it cannot take (an overflow)
         raise here and leave the old ones in force.
         """
-        self._tracker.reconfigure(settings)
+        self._tracker.apply_settings(settings)
 
     def process(self, frame: Frame, products: Products) -> Sequence[Emission]:
         """Link this frame's localizations."""

@@ -42,6 +42,19 @@ Camera properties
     Widefield: exposure in ms (the frame interval stretches to at least the exposure; the scene
     carries on). Scanning: the frame scan time, fixed by the scan settings (setting it is
     ignored, so that a client's generic ``setExposure`` does not fail).
+``FailAfterFrames`` (integer, default 0 = never; for tests)
+    Failure injection: the camera raises :class:`SimulatedCameraFailure` when it is asked for
+    a frame after delivering this many (counted over all sequences and snaps since the
+    property was last set). A sequence acquisition then ends the way a failing driver ends
+    it: the acquisition thread dies, ``isSequenceRunning()`` turns False. Set it in a
+    configuration file (``Property,Camera,FailAfterFrames,50``) or with ``setProperty``;
+    setting it again re-arms the count.
+``LastError`` (string, read-only)
+    The text of the last failure the camera raised ('' if none), so that a client that only
+    sees a sequence stop can say why.
+``DeviceId`` (string, read-only)
+    A unique token of this device object; :func:`simulated_device` uses it to find the
+    object behind a label through the public property API.
 
 Ground truth (a side channel, never in the image)
 -------------------------------------------------
@@ -52,7 +65,9 @@ Every frame's metadata carries these string-valued keys:
 - ``scopestream_frame`` (simulation frame index), ``scopestream_frame_start_ms`` (simulation
   time of the start of the exposure / scan), ``scopestream_exposure_ms``,
   ``scopestream_frame_period_ms``, ``scopestream_saturated_px``, ``scopestream_stage_x_um``,
-  ``scopestream_stage_y_um``, ``scopestream_kind``, ``scopestream_seed``;
+  ``scopestream_stage_y_um``, ``scopestream_kind``, ``scopestream_seed``,
+  ``scopestream_t_acquired_s`` (the camera's time stamp: the frame's scheduled delivery time,
+  Unix s; sequence acquisition only);
 - scanning camera also ``scopestream_line_period_ms``, ``scopestream_dwell_us``,
   ``scopestream_retrace_ms`` (row r starts at ``frame_start + r * line_period``).
 
@@ -69,6 +84,8 @@ import json
 import logging
 import threading
 import time
+import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, cast
@@ -84,9 +101,10 @@ from scopestream.sim_camera._widefield import WidefieldSimulator
 
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike
-    from pymmcore_plus.experimental.unicore import Device, UniMMCore
+    from pymmcore_plus.experimental.unicore import UniMMCore
 
 __all__ = [
+    "SimulatedCameraFailure",
     "SimulatedScanningCamera",
     "SimulatedWidefieldCamera",
     "SimulatedXYStage",
@@ -100,14 +118,36 @@ _SECTIONS = ("simulation", "optics", "camera", "acquisition")
 _RESYNC_AFTER_S = 1.0  # further behind than this, restart the deadlines instead of bursting
 
 
-def simulated_device(core: UniMMCore, label: str | None = None) -> Device:
-    """The Python device object loaded under ``label`` (default: the current camera).
+# Every simulated camera object by its DeviceId; weak, so an unloaded device goes away.
+_DEVICES: weakref.WeakValueDictionary[str, _SimulatedCamera] = weakref.WeakValueDictionary()
+DEVICE_ID_PROPERTY = "DeviceId"
 
-    Tests and tools use it to reach a simulated camera's truth queue.
+
+class SimulatedCameraFailure(RuntimeError):
+    """Raised by a simulated camera whose ``FailAfterFrames`` count is reached."""
+
+
+def simulated_device(core: UniMMCore, label: str | None = None) -> _SimulatedCamera:
+    """The simulated camera object loaded under ``label`` (default: the current camera).
+
+    Tests and tools use it to reach a simulated camera's truth queue. The object is found
+    through the camera's read-only ``DeviceId`` property (the core's public property API).
+
+    Raises
+    ------
+    LookupError
+        If ``label`` is not a scopestream simulated camera loaded in ``core``.
     """
     label = label or core.getCameraDevice()
-    # pymmcore-plus 0.18 (pinned) keeps Python devices in a private manager; no public getter.
-    return cast("Device", core._pydevices[label])
+    loaded = list(core.getLoadedDevices())
+    if label not in loaded or not core.hasProperty(label, DEVICE_ID_PROPERTY):
+        raise LookupError(
+            f"{label!r} is not a scopestream simulated camera in this core (loaded devices: {loaded})"
+        )
+    device = _DEVICES.get(str(core.getProperty(label, DEVICE_ID_PROPERTY)))
+    if device is None:  # pragma: no cover - the property outlived its device
+        raise LookupError(f"the simulated camera behind {label!r} is gone")
+    return device
 
 
 class _SimulatedCamera(CameraDevice):
@@ -135,6 +175,22 @@ class _SimulatedCamera(CameraDevice):
             getter=type(self)._get_seed, setter=type(self)._set_seed,
         )
         self.register_property("Kind", default_value=self._KIND, property_type=str, is_read_only=True)
+        self._fail_after_frames = 0
+        self._frames_since_armed = 0
+        self._last_error = ""
+        self.register_property(
+            "FailAfterFrames", default_value=0, property_type=int, limits=(0, 2**31 - 1),
+            getter=type(self)._get_fail_after, setter=type(self)._set_fail_after,
+        )
+        self.register_property(
+            "LastError", default_value="", property_type=str, is_read_only=True,
+            getter=type(self)._get_last_error,
+        )
+        device_id = uuid.uuid4().hex
+        self.register_property(
+            DEVICE_ID_PROPERTY, default_value=device_id, property_type=str, is_read_only=True,
+        )
+        _DEVICES[device_id] = self
 
     # -- settings --------------------------------------------------------------------------
 
@@ -180,6 +236,29 @@ class _SimulatedCamera(CameraDevice):
             raise ConfigError(f"Seed must be a non-negative integer, got {value!r}")
         self._seed = seed
         self._rebuild(self._sections)
+
+    def _get_fail_after(self) -> int:
+        return self._fail_after_frames
+
+    def _set_fail_after(self, value: int) -> None:
+        frames = int(value)
+        if frames < 0:
+            raise ConfigError(f"FailAfterFrames must be a non-negative integer, got {value!r}")
+        self._fail_after_frames = frames
+        self._frames_since_armed = 0
+
+    def _get_last_error(self) -> str:
+        return self._last_error
+
+    def _check_injected_failure(self) -> None:
+        """Raise if the armed failure is due (called before each frame is made)."""
+        if self._fail_after_frames and self._frames_since_armed >= self._fail_after_frames:
+            self._last_error = (
+                f"injected failure: FailAfterFrames={self._fail_after_frames} reached "
+                f"(camera {self.get_label()!r})"
+            )
+            raise SimulatedCameraFailure(self._last_error)
+        self._frames_since_armed += 1
 
     @property
     def simulator(self) -> WidefieldSimulator | ScanningSimulator:
@@ -237,10 +316,16 @@ class _SimulatedCamera(CameraDevice):
     def start_sequence(
         self, n: int | None, get_buffer: Callable[[Sequence[int], DTypeLike], np.ndarray]
     ) -> Iterator[Mapping]:
-        """Simulate frames into the core's buffers, paced at the frame period."""
+        """Simulate frames into the core's buffers, paced at the frame period.
+
+        Each frame is stamped with the camera's own clock (``scopestream_t_acquired_s``, Unix
+        s): its scheduled delivery time, as a hardware time stamp would be, so frame intervals
+        are exact even when the thread that delivers them is late."""
+        clock_offset_s = time.time() - time.perf_counter()
         deadline = time.perf_counter()
         produced = 0
         while n is None or produced < n:
+            self._check_injected_failure()
             with self._sim_lock:
                 simulator = self._simulator
                 start_ms = simulator.next_frame_start_ms
@@ -257,6 +342,7 @@ class _SimulatedCamera(CameraDevice):
                 time.sleep(delay)
             elif delay < -_RESYNC_AFTER_S:
                 deadline = time.perf_counter()
+            metadata["scopestream_t_acquired_s"] = repr(deadline + clock_offset_s)
             produced += 1
             yield metadata
 

@@ -206,3 +206,37 @@ def test_defaults_work_without_settings() -> None:
         assert image.dtype == np.uint16 and image.max() > 300
     finally:
         core.unloadAllDevices()
+
+
+def test_simulated_device_is_found_by_property_and_refuses_other_labels(widefield: UniMMCore) -> None:
+    camera = simulated_device(widefield, "Camera")
+    assert camera is simulated_device(widefield)  # the current camera by default
+    assert widefield.getProperty("Camera", "DeviceId") == camera.get_property_value("DeviceId")
+    with pytest.raises(LookupError, match="'XY' is not a scopestream simulated camera"):
+        simulated_device(widefield, "XY")
+    with pytest.raises(LookupError, match="'Nope' is not a scopestream simulated camera"):
+        simulated_device(widefield, "Nope")
+    # Two cores, two devices: each label finds its own object.
+    other = _core("simulated-widefield")
+    try:
+        assert simulated_device(other) is not camera
+    finally:
+        other.unloadAllDevices()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_fail_after_frames_ends_a_sequence_like_a_failing_driver(widefield: UniMMCore) -> None:
+    assert widefield.getProperty("Camera", "LastError") == ""
+    widefield.setProperty("Camera", "FailAfterFrames", 7)
+    widefield.startContinuousSequenceAcquisition()
+    frames = _pop(widefield, 50, timeout_s=3.0)
+    assert len(frames) == 7  # exactly the frames before the failure reach the buffer
+    assert not widefield.isSequenceRunning()  # the acquisition thread died, as with a driver error
+    assert "FailAfterFrames=7 reached" in widefield.getProperty("Camera", "LastError")
+    # The camera's own stamps are its scheduled times: exactly one period apart.
+    stamps = np.array([float(md["scopestream_t_acquired_s"]) for _, md in frames])
+    assert np.allclose(np.diff(stamps), PERIOD_MS / 1000.0, atol=1e-6)
+    # Setting the property again re-arms the count; 0 disarms it.
+    widefield.setProperty("Camera", "FailAfterFrames", 0)
+    widefield.startSequenceAcquisition(12, 0, True)
+    assert len(_pop(widefield, 12)) == 12
