@@ -238,6 +238,22 @@ def test_default_stopping_rule_is_close_to_the_converged_fit() -> None:
     assert np.median(full.crlb_x_px) == pytest.approx(fisher_crlb_px(1000, 100, SIGMA, roi_px=7), rel=0.05)
 
 
+def test_a_spot_pinned_at_the_region_edge_does_not_hold_the_others_to_max_iterations() -> None:
+    # A region whose spot lies outside it: the fit runs into the region's edge and keeps
+    # proposing the same outward step there. The stopping rule looks at the moves made, so the
+    # other spots stop as they would alone: with 4 or 12 iterations allowed, the same result
+    # (before, every spot of such a frame went on to max_iterations).
+    rng = np.random.default_rng(21)
+    rois, _, _ = _roi_stack(rng, 200, 1000.0, 100.0)
+    outside = rng.poisson(render_spots((7, 7), [-1.6], [3.0], 1000.0, SIGMA, 100.0)).astype(float)
+    stack = np.concatenate([rois, outside[None]])
+    short = fit_mle(stack, SIGMA, max_iterations=4)
+    long = fit_mle(stack, SIGMA, max_iterations=12)
+    assert not long.converged[-1] and long.x_px[-1] == -0.5  # pinned at the edge, rejected
+    np.testing.assert_array_equal(short.x_px[:-1], long.x_px[:-1])
+    np.testing.assert_array_equal(short.photons[:-1], long.photons[:-1])
+
+
 def test_saturated_and_nan_regions_are_dropped_and_counted() -> None:
     rng = np.random.default_rng(13)
     x, y = np.array([20.0, 60.0, 100.0]), np.array([30.0, 64.0, 90.0])
