@@ -12,6 +12,7 @@ from scipy.spatial import cKDTree
 from scopestream.daemon import Frame, installed_stage_plugins
 from scopestream.daemon._config import build_config
 from scopestream.plugins._gaussian_mle import (
+    _border_background,
     fisher_crlb_px,
     fit_mle,
     mortensen_mle_variance_px2,
@@ -252,6 +253,19 @@ def test_a_spot_pinned_at_the_region_edge_does_not_hold_the_others_to_max_iterat
     assert not long.converged[-1] and long.x_px[-1] == -0.5  # pinned at the edge, rejected
     np.testing.assert_array_equal(short.x_px[:-1], long.x_px[:-1])
     np.testing.assert_array_equal(short.photons[:-1], long.photons[:-1])
+
+
+def test_border_background_is_the_median_of_the_border() -> None:
+    rng = np.random.default_rng(22)
+    for roi in (3, 5, 7):
+        rois = rng.poisson(50.0, (40, roi, roi)).astype(float)
+        rois[3, 0, 1] = np.nan
+        bg, signal = _border_background(rois)
+        border = np.ones((roi, roi), bool)
+        border[1:-1, 1:-1] = False
+        expected = np.median(rois[:, border], axis=1)
+        np.testing.assert_array_equal(bg, expected)  # NaN where a border pixel is NaN
+        np.testing.assert_array_equal(signal, rois.reshape(40, -1).sum(axis=1) - expected * roi * roi)
 
 
 def test_saturated_and_nan_regions_are_dropped_and_counted() -> None:
