@@ -58,10 +58,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     InputError
         Invalid arguments or unwritable outputs.
     """
-    import tifffile
-
-    from scopestream.sim_camera._simulate import simulate_stack
-    from scopestream.sim_camera._truth import write_truth_csv
+    from scopestream.sim_camera._simulate import simulate_to_files
 
     if args.frames < 1:
         raise InputError(f"--frames must be at least 1, got {args.frames}")
@@ -77,13 +74,13 @@ def run_simulate(args: argparse.Namespace) -> int:
         if not path.parent.exists():
             raise InputError(f"{option}: folder {str(path.parent)!r} does not exist")
     config = load_config(args.config, args.overrides)
-    movie, truth = simulate_stack(
-        config, args.kind, args.frames, size_px=args.size, n_particles=args.particles, seed=args.seed
-    )
     metadata = {"axes": "TYX", "pixel_size_nm": config.optics.pixel_size_nm, "kind": args.kind, "seed": args.seed}
     try:
-        tifffile.imwrite(out, movie, photometric="minisblack", metadata=metadata)
-        write_truth_csv(truth_path, truth)
+        # Frames and truth go to disk as they are simulated.
+        simulate_to_files(
+            config, args.kind, args.frames, out, truth_path, size_px=args.size, n_particles=args.particles,
+            seed=args.seed, metadata=metadata,
+        )
     except OSError as exc:
         raise InputError(f"cannot write output: {exc}") from None
     return 0
