@@ -24,6 +24,7 @@ Two modes:
 
     OMP_NUM_THREADS=1 python benchmarks/bench_stages.py stages [--frames 300]
     OMP_NUM_THREADS=1 python benchmarks/bench_stages.py daemon [--seconds 20] [--rates 100,200]
+        [--switch-interval-ms MS] [--worker-nice N]
 """
 
 from __future__ import annotations
@@ -175,6 +176,28 @@ def _thread_cpu_s() -> dict[str, float]:
     return out
 
 
+def _children_cpu_s() -> dict[int, float]:
+    """CPU seconds (user + system) of each child process of this process (the MUSICAL worker
+    pool, the multiprocessing resource tracker), by pid."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    pids: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as fh:
+                pids.update(int(p) for p in fh.read().split())
+        except OSError:
+            continue
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def _histogram_means(metrics: Any) -> dict[str, tuple[float, float]]:
     """Per stage: (mean latency s, observations) from the stage latency histogram."""
     sums: dict[str, float] = {}
@@ -189,7 +212,21 @@ def _histogram_means(metrics: Any) -> dict[str, tuple[float, float]]:
     return {s: (sums[s] / counts[s] if counts.get(s) else float("nan"), counts.get(s, 0.0)) for s in sums}
 
 
-def run_daemon(rate_hz: float, seconds: float) -> dict[str, Any]:
+def _renice_children(stop: threading.Event, niceness: int) -> None:
+    """Lower the priority of every child process (the MUSICAL workers) as they appear: an
+    experiment for ``--worker-nice``, what a worker initializer calling ``os.nice`` would do."""
+    done: set[int] = set()
+    while not stop.wait(0.2):
+        for pid in _children_cpu_s():
+            if pid not in done:
+                try:
+                    os.setpriority(os.PRIO_PROCESS, pid, niceness)
+                except OSError:
+                    continue
+                done.add(pid)
+
+
+def run_daemon(rate_hz: float, seconds: float, worker_nice: int | None = None) -> dict[str, Any]:
     from scopestream.daemon._service import Daemon
 
     interval_ms = 1000.0 / rate_hz
@@ -198,15 +235,19 @@ def run_daemon(rate_hz: float, seconds: float) -> dict[str, Any]:
         f"acquisition.frame_interval_ms={interval_ms}", f"acquisition.exposure_ms={interval_ms}",
     )
     daemon = Daemon(config)
+    stop_renice = threading.Event()
+    if worker_nice is not None:
+        threading.Thread(target=_renice_children, args=(stop_renice, worker_nice), daemon=True).start()
     daemon.start()
     time.sleep(2.0)  # start-up (the camera's first frames, the MUSICAL pool) is not counted below
     st0 = daemon.status()
-    cpu0, proc0, w0 = _thread_cpu_s(), time.process_time(), time.perf_counter()
+    cpu0, proc0, kids0, w0 = _thread_cpu_s(), time.process_time(), _children_cpu_s(), time.perf_counter()
     time.sleep(seconds)
     st1 = daemon.status()
-    cpu1, proc1, w1 = _thread_cpu_s(), time.process_time(), time.perf_counter()
+    cpu1, proc1, kids1, w1 = _thread_cpu_s(), time.process_time(), _children_cpu_s(), time.perf_counter()
     latency = _histogram_means(daemon.metrics)
     stop = daemon.close()
+    stop_renice.set()
     received = st1.frames_received - st0.frames_received
     return {
         "rate_hz": rate_hz,
@@ -218,6 +259,7 @@ def run_daemon(rate_hz: float, seconds: float) -> dict[str, Any]:
         "latency": latency,
         "thread_cpu_ms_per_frame": {k: (cpu1.get(k, 0.0) - v) * 1e3 / max(received, 1) for k, v in cpu0.items()},
         "process_cpu_ms_per_frame": (proc1 - proc0) * 1e3 / max(received, 1),
+        "children_cpu_s_per_s": sum(v - kids0.get(pid, 0.0) for pid, v in kids1.items()) / (w1 - w0),
     }
 
 
@@ -239,6 +281,7 @@ def print_daemon(res: dict[str, Any]) -> None:
     for name, ms in sorted(res["thread_cpu_ms_per_frame"].items(), key=lambda kv: -kv[1]):
         if ms >= 0.005:
             print(f"      {name:<32} {ms:7.3f} ms")
+    print(f"   child processes (MUSICAL workers): {res['children_cpu_s_per_s']:.2f} CPU seconds per second")
 
 
 def main() -> int:
@@ -252,6 +295,10 @@ def main() -> int:
         "--switch-interval-ms", type=float, default=None,
         help="daemon mode: sys.setswitchinterval for this process, ms (default: leave as it is)",
     )
+    parser.add_argument(
+        "--worker-nice", type=int, default=None,
+        help="daemon mode: renice the child processes (MUSICAL workers) to this niceness as they start",
+    )
     args = parser.parse_args()
     if args.switch_interval_ms is not None:
         sys.setswitchinterval(args.switch_interval_ms / 1000.0)
@@ -261,7 +308,7 @@ def main() -> int:
         run_stages(args.frames, args.warmup)
     else:
         for rate in (float(r) for r in args.rates.split(",")):
-            print_daemon(run_daemon(rate, args.seconds))
+            print_daemon(run_daemon(rate, args.seconds, args.worker_nice))
     return 0
 
 
