@@ -379,9 +379,12 @@ class Localizer:
         oy = np.clip(rows - half, 0, h - roi)
         ox = np.clip(cols - half, 0, w - roi)
         rejected_saturated = 0
-        if n_cand and (self.settings.exclude_saturated or bad is not None):
+        # A frame whose maximum is below the saturation level has no saturated region (one
+        # quick reduction instead of a gather of every region).
+        check_saturation = self.settings.exclude_saturated and not image.max() < self._saturation_adu
+        if n_cand and (check_saturation or bad is not None):
             drop = np.zeros(n_cand, dtype=bool)
-            if self.settings.exclude_saturated:
+            if check_saturation:
                 # Only the regions' pixels matter (a gather of n x roi^2 values, not a frame pass).
                 regions = sliding_window_view(image, (roi, roi))[oy, ox]
                 if bad is not None:
