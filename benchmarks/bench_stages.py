@@ -277,6 +277,8 @@ def print_daemon(res: dict[str, Any]) -> None:
         total += mean_s
         print(f"   stage {name:<12} mean {mean_s * 1e3:7.3f} ms over {n:.0f} frames (wall, from the metrics)")
     print(f"   stages total mean {total * 1e3:.3f} ms per frame; frame interval {1000.0 / res['rate_hz']:.1f} ms")
+    stage_ms = res["thread_cpu_ms_per_frame"].get("scopestream-stages", 0.0) * res["received"] / max(res["processed"], 1)
+    print(f"   stage thread CPU {stage_ms:.3f} ms per processed frame")
     print(f"   process CPU {res['process_cpu_ms_per_frame']:.3f} ms per received frame; by thread:")
     for name, ms in sorted(res["thread_cpu_ms_per_frame"].items(), key=lambda kv: -kv[1]):
         if ms >= 0.005:
