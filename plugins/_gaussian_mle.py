@@ -314,13 +314,18 @@ def fit_mle(
         np.maximum(new[:, 2:4], 0.5 * theta[:, 2:4], out=new[:, 2:4])
         np.minimum(new, hi, out=new)
         np.maximum(new, lo, out=new)
+        # The convergence test uses the moves actually made: a spot pinned at the region's
+        # edge (rejected below as not inside) keeps proposing the same outward step and would
+        # otherwise hold every spot of the frame to max_iterations.
+        moved = new - theta[:, :n_par]
         theta[:, :n_par] = new
-        # Stop on the root-mean-square position step; a single spot may still move up to
+        # Stop on the root-mean-square position move; a single spot may still move up to
         # 10 tolerances in the last step (its error left is ~1/10 of that).
+        pos_moved = moved[:, :2]
         if (
-            float(np.sqrt(np.mean(pos_step * pos_step))) < tolerance_px
-            and float(np.abs(pos_step).max()) < 10.0 * tolerance_px
-            and (not fit_sigma or float(np.abs(step[:, 4]).max()) < tolerance_px)
+            float(np.sqrt(np.mean(pos_moved * pos_moved))) < tolerance_px
+            and float(np.abs(pos_moved).max()) < 10.0 * tolerance_px
+            and (not fit_sigma or float(np.abs(moved[:, 4]).max()) < tolerance_px)
         ):
             break
     var_x, var_y = solved[:, 0, 1], solved[:, 1, 2]
@@ -342,7 +347,14 @@ def _border_background(rois: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Background (median of the region's border pixels) and background-subtracted sum."""
     n, r, _ = rois.shape
     edge = np.concatenate([rois[:, 0, :], rois[:, -1, :], rois[:, 1:-1, 0], rois[:, 1:-1, -1]], axis=1)
-    bg = np.median(edge, axis=1)
+    # The median of each row as np.median computes it (mean of the two middle values of the
+    # 4 r - 4 border pixels), from one sort of the small rows (np.median along an axis costs
+    # four times more); a row holding NaN gets NaN, as from np.median.
+    ordered = np.sort(edge, axis=1)
+    m = ordered.shape[1] // 2
+    bg = 0.5 * (ordered[:, m - 1] + ordered[:, m])
+    if np.isnan(ordered[:, -1]).any():
+        bg[np.isnan(ordered[:, -1])] = np.nan
     return bg, rois.reshape(n, -1).sum(axis=1) - bg * (r * r)
 
 

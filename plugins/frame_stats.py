@@ -6,6 +6,7 @@ bleaching and saturation live.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -71,20 +72,32 @@ class FrameStatsStage:
         image = frame.image
         if image.ndim != 2 or image.size == 0:
             raise ValueError(f"frame {frame.seq}: expected a non-empty 2-D image, got shape {image.shape}")
+        stride = self._settings.sample_stride_px
+        percentile = self._settings.background_percentile
         nonfinite = 0
-        if image.dtype.kind == "f":
-            finite_mask = np.isfinite(image)
-            nonfinite = int(image.size - np.count_nonzero(finite_mask))
-            values = image[finite_mask] if nonfinite else image
-            if values.size == 0:
-                raise ValueError(f"frame {frame.seq}: no finite pixel")
+        if image.dtype.kind in "ui":
+            # Integer frames (every camera): no mask, the mean from an exact integer sum, the
+            # saturated pixels counted only when the maximum reaches the level.
+            max_adu, min_adu = image.max(), image.min()
+            mean_adu = _integer_mean(image)
+            saturated = 0 if max_adu < self._saturation_adu else int(np.count_nonzero(image >= self._saturation_adu))
+            background = _percentile_of_sorted(np.sort(image[::stride, ::stride], axis=None), percentile)
         else:
             values = image
-        stride = self._settings.sample_stride_px
-        sample = image[::stride, ::stride]
-        if nonfinite:
-            sample = sample[np.isfinite(sample)]
-        background = float(np.percentile(sample, self._settings.background_percentile)) if sample.size else float(np.percentile(values, self._settings.background_percentile))
+            if image.dtype.kind == "f":
+                finite_mask = np.isfinite(image)
+                nonfinite = int(image.size - np.count_nonzero(finite_mask))
+                values = image[finite_mask] if nonfinite else image
+                if values.size == 0:
+                    raise ValueError(f"frame {frame.seq}: no finite pixel")
+            sample = image[::stride, ::stride]
+            if nonfinite:
+                sample = sample[np.isfinite(sample)]
+            background = float(np.percentile(sample if sample.size else values, percentile))
+            max_adu, min_adu = values.max(), values.min()
+            mean_adu = float(values.mean(dtype=np.float64))
+            saturated = int(np.count_nonzero(values >= self._saturation_adu))
+        # Brenner focus measure on the sampled rows (falls as the image blurs).
         rows = image[::stride].astype(np.float32)
         diff = rows[:, 2:] - rows[:, :-2]
         sharpness = float(np.nanmean(diff * diff)) if diff.size else 0.0
@@ -93,17 +106,46 @@ class FrameStatsStage:
             camera_image_number=frame.camera_image_number,
             height_px=image.shape[0],
             width_px=image.shape[1],
-            mean_adu=float(values.mean(dtype=np.float64)),
-            max_adu=float(values.max()),
-            min_adu=float(values.min()),
+            mean_adu=mean_adu,
+            max_adu=float(max_adu),
+            min_adu=float(min_adu),
             background_adu=background,
-            saturated_fraction=float(np.count_nonzero(values >= self._saturation_adu)) / image.size,
+            saturated_fraction=saturated / image.size,
             nonfinite_fraction=nonfinite / image.size,
             sharpness=sharpness,
         )
         products.put(stats)
         body = FrameStatsBody(**vars(stats))  # the same fields, by design
         return [Emission("frame_stats", body, frame_seq=frame.seq, t_acquired=frame.t_acquired)]
+
+
+def _integer_mean(image: np.ndarray) -> float:
+    """Mean of an integer image, the value ``image.mean(dtype=np.float64)`` gives (both are the
+    exact sum divided by the pixel count, rounded once), at half the cost for 8- and 16-bit
+    pixels: the column sums of up to 65536 rows fit 32 bits, and a 32-bit add vectorizes
+    where the 64-bit accumulation does not."""
+    if image.dtype.itemsize <= 2 and image.shape[0] <= 65536:
+        acc = np.uint32 if image.dtype.kind == "u" else np.int32
+        total = int(np.add.reduce(image, axis=0, dtype=acc).sum(dtype=np.int64))
+        return total / image.size
+    return float(image.mean(dtype=np.float64))
+
+
+def _percentile_of_sorted(ordered: np.ndarray, percentile: float) -> float:
+    """``np.percentile(values, percentile)`` (method 'linear') of values given sorted, by the
+    same arithmetic (a sort of the integer sample is several times cheaper than the
+    partitions ``np.percentile`` runs)."""
+    n = ordered.size
+    virtual = (n - 1) * (percentile / 100.0)
+    if virtual >= n - 1:
+        return float(ordered[-1])
+    below = math.floor(virtual)
+    gamma = virtual - below
+    a, b = ordered[below], ordered[below + 1]
+    diff = b - a
+    if gamma >= 0.5:
+        return float(b - diff * (1.0 - gamma))
+    return float(a + diff * gamma)
 
 
 PLUGIN = StagePlugin(

@@ -15,7 +15,9 @@ Per frame (everything vectorized over tracks and detections):
    rest form one sparse augmented problem (Jaqaman et al. 2008: link costs d^2, "no link"
    costs for tracks and detections, dummy-dummy block) solved exactly with
    ``scipy.sparse.csgraph.min_weight_full_bipartite_matching`` (sparse LAPJV), so the cost
-   grows with the number of gated pairs, not with (tracks x detections). Connected clusters
+   grows with the number of gated pairs, not with (tracks x detections); a small problem (the
+   usual case: a few ambiguous pairs per frame) goes as a dense matrix to
+   ``scipy.optimize.linear_sum_assignment``, which is cheaper than building the sparse one. Connected clusters
    larger than ``max_cluster_size`` nodes are linked greedily (mutual nearest pairs), bounding
    the per-frame cost at any density.
 4. Update linked tracks; unlinked tracks coast (gap closing) for up to ``max_gap_frames``
@@ -32,6 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite_matching
 from scipy.spatial import cKDTree
@@ -275,6 +278,13 @@ class Tracker:
         rest = ~simple
         if rest.any():
             ti_r, dj_r, c_r = ti[rest], dj[rest], cost[rest]
+            if np.unique(ti_r).size + np.unique(dj_r).size <= self.settings.max_cluster_size:
+                # No cluster can be larger than all ambiguous nodes together: one optimal
+                # problem, without looking for the clusters.
+                at, ad = self._sparse_optimal(ti_r, dj_r, c_r)
+                links_t.append(at)
+                links_d.append(ad)
+                return np.concatenate(links_t), np.concatenate(links_d)
             graph = coo_matrix((np.ones(ti_r.size), (ti_r, n_tr + dj_r)), shape=(n_tr + n_det, n_tr + n_det))
             _, labels = connected_components(graph, directed=False)
             comp = labels[ti_r]
@@ -296,6 +306,18 @@ class Tracker:
         tracks, t_local = np.unique(ti, return_inverse=True)
         dets, d_local = np.unique(dj, return_inverse=True)
         a, b = tracks.size, dets.size
+        if a + b <= _DENSE_NODES:
+            # The same augmented problem as a dense matrix (infinite cost where the sparse one
+            # has no edge), solved by one call: the sparse matrix's construction costs ten
+            # times more than a small problem's solution.
+            dense = np.full((a + b, a + b), np.inf)
+            dense[t_local, d_local] = cost + 1.0
+            dense[np.arange(a), b + np.arange(a)] = self._no_link + 1.0
+            dense[a + np.arange(b), np.arange(b)] = self._no_link + 1.0
+            dense[a + d_local, b + t_local] = 1.0
+            r_idx, c_idx = linear_sum_assignment(dense)
+            real = (r_idx < a) & (c_idx < b)
+            return tracks[r_idx[real]], dets[c_idx[real]]
         # Rows: a tracks, then b "detection unlinked" dummies. Columns: b detections, then a
         # "track unlinked" dummies. Every weight gets +1 so that none is zero (the matching
         # has a+b edges whatever it is, so the offset does not change the optimum).
@@ -323,6 +345,11 @@ class Tracker:
         self.mean[t] += innov[:, :, None] * gain[:, None, :]
         self.cov[t] = p - gain[:, :, None] * gain[:, None, :] * s_var[:, None, None]
         self.missed[t] = 0
+
+
+# Augmented problems of at most this many rows are solved densely (a few hundred microseconds at
+# most); larger ones sparsely, so the cost follows the gated pairs.
+_DENSE_NODES = 160
 
 
 def _greedy_links(ti: np.ndarray, dj: np.ndarray, cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -65,29 +65,20 @@ def run_simulate(args: argparse.Namespace) -> int:
     InputError
         Invalid arguments or unwritable outputs.
     """
-    import tifffile
-
     from scopestream.daemon._config import load_config
-    from scopestream.sim_camera._simulate import simulate_stack
-    from scopestream.sim_camera._truth import write_truth_csv
+    from scopestream.sim_camera._simulate import simulate_to_files
 
     out = Path(args.out)
     truth_path = Path(args.truth)
     check_arguments(args.frames, args.size, args.particles, args.seed, out, truth_path)
     config = load_config(args.config, args.overrides)
-    try:
-        movie, truth = simulate_stack(
-            config, args.kind, args.frames, size_px=args.size, n_particles=args.particles, seed=args.seed
-        )
-    except MemoryError:
-        raise InputError(
-            f"not enough memory to simulate {args.frames} frames of {args.size}×{args.size} px "
-            f"({_human_bytes(movie_bytes(args.frames, args.size))}); ask for fewer frames or a smaller --size"
-        ) from None
     metadata = {"axes": "TYX", "pixel_size_nm": config.optics.pixel_size_nm, "kind": args.kind, "seed": args.seed}
     try:
-        tifffile.imwrite(out, movie, photometric="minisblack", metadata=metadata)
-        write_truth_csv(truth_path, truth)
+        # Frames and truth go to disk as they are simulated.
+        simulate_to_files(
+            config, args.kind, args.frames, out, truth_path, size_px=args.size, n_particles=args.particles,
+            seed=args.seed, metadata=metadata,
+        )
     except OSError as exc:
         raise InputError(f"cannot write output: {exc}") from None
     return 0

@@ -12,6 +12,7 @@ from scipy.spatial import cKDTree
 from scopestream.daemon import Frame, Products, installed_stage_plugins
 from scopestream.daemon._config import build_config
 from scopestream.plugins._gaussian_mle import (
+    _border_background,
     fisher_crlb_px,
     fit_mle,
     mortensen_mle_variance_px2,
@@ -236,6 +237,35 @@ def test_default_stopping_rule_is_close_to_the_converged_fit() -> None:
     assert np.abs(dev).max() <= 2 * tol
     # The Cramér-Rao bounds from the solve equal the inverse Fisher information.
     assert np.median(full.crlb_x_px) == pytest.approx(fisher_crlb_px(1000, 100, SIGMA, roi_px=7), rel=0.05)
+
+
+def test_a_spot_pinned_at_the_region_edge_does_not_hold_the_others_to_max_iterations() -> None:
+    # A region whose spot lies outside it: the fit runs into the region's edge and keeps
+    # proposing the same outward step there. The stopping rule looks at the moves made, so the
+    # other spots stop as they would alone: with 4 or 12 iterations allowed, the same result
+    # (before, every spot of such a frame went on to max_iterations).
+    rng = np.random.default_rng(21)
+    rois, _, _ = _roi_stack(rng, 200, 1000.0, 100.0)
+    outside = rng.poisson(render_spots((7, 7), [-1.6], [3.0], 1000.0, SIGMA, 100.0)).astype(float)
+    stack = np.concatenate([rois, outside[None]])
+    short = fit_mle(stack, SIGMA, max_iterations=4)
+    long = fit_mle(stack, SIGMA, max_iterations=12)
+    assert not long.converged[-1] and long.x_px[-1] == -0.5  # pinned at the edge, rejected
+    np.testing.assert_array_equal(short.x_px[:-1], long.x_px[:-1])
+    np.testing.assert_array_equal(short.photons[:-1], long.photons[:-1])
+
+
+def test_border_background_is_the_median_of_the_border() -> None:
+    rng = np.random.default_rng(22)
+    for roi in (3, 5, 7):
+        rois = rng.poisson(50.0, (40, roi, roi)).astype(float)
+        rois[3, 0, 1] = np.nan
+        bg, signal = _border_background(rois)
+        border = np.ones((roi, roi), bool)
+        border[1:-1, 1:-1] = False
+        expected = np.median(rois[:, border], axis=1)
+        np.testing.assert_array_equal(bg, expected)  # NaN where a border pixel is NaN
+        np.testing.assert_array_equal(signal, rois.reshape(40, -1).sum(axis=1) - expected * roi * roi)
 
 
 def test_saturated_and_nan_regions_are_dropped_and_counted() -> None:

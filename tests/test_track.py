@@ -106,3 +106,25 @@ def test_stage_events_and_teardown() -> None:
     assert final.body.ended == [0, 1]  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="'track' needs Localizations"):
         stage.process(Frame(seq=9, image=img, t_acquired=0.0), Products())
+
+
+def test_dense_and_sparse_solvers_give_the_same_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small augmented problems go to a dense solver, large ones to the sparse one; both solve
+    # the same problem, whose optimum is unique for continuous random costs.
+    import scopestream.plugins.track as track_module
+
+    rng = np.random.default_rng(31)
+    tracker = Tracker(TrackSettings())
+    for _ in range(40):
+        n_tr, n_det = rng.integers(1, 30, 2)
+        pairs = rng.random((n_tr, n_det)) < 0.15
+        ti, dj = np.nonzero(pairs)
+        if ti.size == 0:
+            continue
+        cost = rng.uniform(0.0, tracker._gate_d2, ti.size)  # gated pairs: d^2 inside the gate
+        dense = tracker._sparse_optimal(ti, dj, cost)
+        monkeypatch.setattr(track_module, "_DENSE_NODES", 0)
+        sparse = tracker._sparse_optimal(ti, dj, cost)
+        monkeypatch.undo()
+        assert set(zip(*dense, strict=True)) == set(zip(*sparse, strict=True))
+        assert len(dense[0]) > 0
