@@ -71,7 +71,23 @@ def test_analyze_a_simulated_movie_against_its_truth(tmp_path: Path) -> None:
     # ~6 particles visible at a time, a few entering/leaving: far fewer ids than detections
     assert len(set(tracks["particle"])) <= 3 * len(set(truth["particle"][truth["visible"]]))
     diff = read_csv(tmp_path / "res" / "diffusion.csv")
-    assert {"particle", "frame_start", "frame_end", "D_um2_per_s", "D_err_um2_per_s", "sigma_loc_nm", "n_steps"} <= set(diff)
+    assert {"particle", "frame_start", "frame_end", "D_um2_per_s", "D_err_um2_per_s", "sigma_loc_nm", "n_steps",
+            "method", "D_crlb_um2_per_s", "window"} <= set(diff)
+    # Default method 'auto': the MLE with localize's uncertainties (a CVE row only where they fail
+    # the calibration check); the whole-track estimates agree with the simulated D = 0.02 um^2/s
+    # within 4 standard errors of their mean (sample SD over tracks / sqrt(tracks)).
+    assert set(diff["method"]) <= {"mle", "cve"} and "mle" in set(diff["method"])
+    whole = (diff["window"] == "track") & (diff["n_steps"].astype(int) >= 15)
+    d = diff["D_um2_per_s"][whole].astype(float)
+    assert d.size >= 4
+    assert abs(d.mean() - 0.02) < 4 * d.std(ddof=1) / np.sqrt(d.size), (d.mean(), d)
+    mle = whole & (diff["method"] == "mle")
+    assert (diff["D_crlb_um2_per_s"][mle].astype(float) > 0).all()
+    segments = read_csv(tmp_path / "res" / "segments.csv")
+    assert {"particle", "frame_start", "frame_end", "D_um2_per_s", "D_err_um2_per_s", "alpha", "regime"} <= set(segments)
+    # One regime throughout (RanW): most segment-frames are 'free'.
+    span = segments["frame_end"].astype(int) - segments["frame_start"].astype(int)
+    assert span[segments["regime"] == "free"].sum() >= 0.7 * span.sum()
 
 
 def test_default_daemon_on_the_simulated_camera_publishes_every_stage(
