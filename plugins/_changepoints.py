@@ -152,7 +152,8 @@ class OnlineChangePoints:
         # A change after the current segment's start (run shorter than t - start - guard + 1).
         limit = t - self.seg_start[rows] - self.guard + 1
         r_idx = np.arange(self.max_run)[None, :]
-        inside = r_idx < np.minimum(limit, self.max_run)[:, None]
+        # The last bin lumps every longer run (no change in max_run steps): never 'inside'.
+        inside = r_idx < np.minimum(limit, self.max_run - 1)[:, None]
         prob = np.exp(np.where(inside, new, -np.inf)).sum(axis=1)
         fire = (prob > self.threshold) & (limit > 0) & (t + 1 - self.seg_start[rows] >= 2 * self.guard)
         if not fire.any():

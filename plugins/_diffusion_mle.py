@@ -505,13 +505,13 @@ POOLED_KAPPA_TOLERANCE = 0.25
 class BatchEstimates:
     """Estimates of m tracks (px^2/frame, px^2); NaN where undefined.
 
-    ``method`` holds codes into :data:`METHOD_LABELS`; ``kappa_stat`` the score statistic of the
+    ``D_crlb_var`` is the Cramér-Rao bound on var(D), (px^2/frame)^2. ``method`` holds codes into :data:`METHOD_LABELS`; ``kappa_stat`` the score statistic of the
     calibration check (NaN where not computed).
     """
 
     D: np.ndarray
     D_err: np.ndarray
-    D_crlb: np.ndarray
+    D_crlb_var: np.ndarray
     sigma2: np.ndarray
     method: np.ndarray
     kappa_stat: np.ndarray
@@ -570,7 +570,7 @@ def estimate_batch(
 
     ``D_err`` is the estimator's standard error: the square root of the Cramér-Rao bound at
     the estimate for the MLE (efficient), the CVE formula at the estimate for the CVE.
-    ``D_crlb`` is that bound for the MLE rows (NaN for CVE rows). No Python loop over tracks.
+    ``D_crlb_var`` is that bound (a variance) for the MLE rows (NaN for CVE rows). No Python loop over tracks.
 
     Parameters
     ----------

@@ -597,7 +597,7 @@ class DiffusionEstimator:
         last = self.last_frame[slots]
         first = np.maximum(self.first_frame[slots], last - s.history_frames + 1)
         series, est = self._batch(slots, first, last, s.method)
-        return self._pack(slots, series.frame_start, series.frame_end, series.n, est.D, est.D_err, est.D_crlb,
+        return self._pack(slots, series.frame_start, series.frame_end, series.n, est.D, est.D_err, est.D_crlb_var,
                           est.sigma2, est.method, "track")
 
     def _window_estimates(self, slots: np.ndarray, f: int) -> DiffusionEstimates:
@@ -628,7 +628,7 @@ class DiffusionEstimator:
         series, est = self._batch(slots, last - w + 1, last, s.method)
         mle = est.method != METHOD_CODE["cve"]
         self.warm_D[slots[mle]] = est.D[mle]
-        return self._pack(slots, series.frame_start, series.frame_end, series.n, est.D, est.D_err, est.D_crlb,
+        return self._pack(slots, series.frame_start, series.frame_end, series.n, est.D, est.D_err, est.D_crlb_var,
                           est.sigma2, est.method, "rolling")
 
     def _segments(self, slots: np.ndarray, first: np.ndarray, last: np.ndarray) -> dict[str, np.ndarray]:
