@@ -117,10 +117,13 @@ class OnlineChangePoints:
         if rows.size == 0:
             e = np.empty(0, dtype=np.int64)
             return ChangeEvents(e, e, e)
-        lp, n, sx, sy, sq = self.log_p[rows], self.n[rows], self.sx[rows], self.sy[rows], self.sq[rows]
+        # Every track at once (the usual case): views, no gather/scatter copies.
+        every = rows.size == self.steps.size and bool((rows == np.arange(rows.size)).all())
+        sel: slice | np.ndarray = slice(None) if every else rows
+        lp, n, sx, sy, sq = self.log_p[sel], self.n[sel], self.sx[sel], self.sy[sel], self.sq[sel]
         d2 = dx * dx + dy * dy
         self.scale_sum[rows] += d2
-        steps = self.steps[rows]
+        steps = self.steps[sel]
         # Prior scale: the track's mean squared displacement per axis so far (this one included).
         v0 = np.maximum(self.scale_sum[rows] / (2.0 * (steps + 1)), 1e-12)
         kappa = self.kappa0 + n
@@ -138,15 +141,15 @@ class OnlineChangePoints:
         new[:, 1:] = joint[:, :-1] - top - np.log(total) + self.log_1mh
         new[:, -1] = np.logaddexp(new[:, -1], joint[:, -1] - top[:, 0] - np.log(total[:, 0]) + self.log_1mh)
         new[:, 0] = self.log_h
-        # Sufficient statistics of each run length after this displacement.
+        # Sufficient statistics of each run length after this displacement: the run of length r
+        # now holds the last r + 1 displacements (r = 0: this one only).
         for arr, v in ((n, 1.0), (sx, dx), (sy, dy), (sq, d2)):
-            shifted = np.empty_like(arr)
-            shifted[:, 0] = 0.0
-            shifted[:, 1:] = arr[:, :-1]
-            shifted += v if np.isscalar(v) else np.asarray(v)[:, None]
-            arr[:] = shifted
-        # The run of length r now holds the last r + 1 displacements (r = 0: this one only).
-        self.log_p[rows], self.n[rows], self.sx[rows], self.sy[rows], self.sq[rows] = new, n, sx, sy, sq
+            arr[:, 1:] = arr[:, :-1]
+            arr[:, 0] = 0.0
+            arr += v if np.isscalar(v) else np.asarray(v)[:, None]
+        self.log_p[sel] = new
+        if not every:
+            self.n[rows], self.sx[rows], self.sy[rows], self.sq[rows] = n, sx, sy, sq
         t = steps  # index of this displacement
         self.steps[rows] = steps + 1
         # A change after the current segment's start (run shorter than t - start - guard + 1).

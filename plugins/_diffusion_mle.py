@@ -273,44 +273,47 @@ def evaluate(model: TridiagonalModel, theta: np.ndarray) -> tuple[np.ndarray, np
     th = np.asarray(theta, dtype=np.float64).T[:, :, None]  # (P, m, 1)
     a_all = (th * model.Ma).sum(axis=0) + model.Ca  # (m, n)
     b_all = (th * model.Mb).sum(axis=0) + model.Cb
-    z_all = np.stack([model.dx, model.dy])  # (2, m, n)
-    logdet = np.zeros(m)
-    q = np.zeros(m)
-    g_logdet = np.zeros((P, m))
-    g_q = np.zeros((P, m))
-    h_logdet = np.zeros((P, P, m))
-    bad = np.zeros(m, dtype=bool)
-    d = dp = dpq = z = zp = None
-    for k in range(n):
-        a_k = a_all[:, k]
-        ma_k = model.Ma[:, :, k]
-        if k == 0:
-            d = a_k.copy()
-            dp = ma_k.copy()
-            dpq = np.zeros((P, P, m))
-            z = z_all[:, :, 0].copy()
-            zp = np.zeros((P, 2, m))
-        else:
-            assert d is not None and dp is not None and dpq is not None and z is not None and zp is not None
-            b = b_all[:, k - 1]
-            mb = model.Mb[:, :, k - 1]
+    # The recursion runs along the displacements (vectorized over tracks) and only stores the
+    # pivots d_k, their derivatives and the forward-substituted data z_k; the sums that make the
+    # likelihood, gradient and information are taken over all k at once afterwards.
+    D = np.empty((n, m))
+    Dp = np.empty((n, P, m))
+    Dpq = np.empty((n, P, P, m))
+    Z = np.empty((n, 2, m))
+    Zp = np.empty((n, P, 2, m))
+    if n:
+        aT = np.ascontiguousarray(a_all.T)
+        bT = np.ascontiguousarray(b_all.T)
+        maT = np.ascontiguousarray(np.moveaxis(model.Ma, 2, 0))  # (n, P, m)
+        mbT = np.ascontiguousarray(np.moveaxis(model.Mb, 2, 0))
+        data = np.stack([model.dx.T, model.dy.T], axis=1)  # (n, 2, m)
+        d = D[0] = aT[0]
+        dp = Dp[0] = maT[0]
+        dpq = Dpq[0] = 0.0
+        z = Z[0] = data[0]
+        zp = Zp[0] = 0.0
+        dpq, zp = Dpq[0], Zp[0]
+        for k in range(1, n):
+            b = bT[k - 1]
+            mb = mbT[k - 1]
             r = b / d
             rp = (mb - r * dp) / d  # (P, m)
-            d_new = a_k - r * b
-            dp_new = ma_k - 2.0 * r * mb + r * r * dp
-            dpq = r * r * dpq - 2.0 * d * rp[:, None, :] * rp[None, :, :]
-            zp = -rp[:, None, :] * z[None] - r * zp
-            z = z_all[:, :, k] - r * z
-            d, dp = d_new, dp_new
-        bad |= ~(d > 0)
-        dd = np.where(d > 0, d, 1.0)
-        inv = 1.0 / dd
-        logdet += np.log(dd)
-        g_logdet += dp * inv
-        h_logdet += dpq * inv - dp[:, None, :] * dp[None, :, :] * (inv * inv)
-        zz = (z * z).sum(axis=0)
-        q += zz * inv
-        g_q += 2.0 * (z[None] * zp).sum(axis=1) * inv - zz * dp * (inv * inv)
+            r2 = r * r
+            d = D[k] = aT[k] - r * b
+            dp = Dp[k] = maT[k] - 2.0 * r * mb + r2 * dp
+            dpq = Dpq[k] = r2 * dpq - 2.0 * D[k - 1] * rp[:, None, :] * rp[None, :, :]
+            zp = Zp[k] = -rp[:, None, :] * z[None] - r * zp
+            z = Z[k] = data[k] - r * z
+    bad = ~(D > 0).all(axis=0)
+    dd = np.where(D > 0, D, 1.0)
+    inv = 1.0 / dd  # (n, m)
+    logdet = np.log(dd).sum(axis=0)
+    dpi = Dp * inv[:, None, :]  # (n, P, m)
+    g_logdet = dpi.sum(axis=0)
+    h_logdet = (Dpq * inv[:, None, None, :]).sum(axis=0) - np.einsum("kpm,kqm->pqm", dpi, dpi)
+    zz = (Z * Z).sum(axis=1)  # (n, m)
+    q = (zz * inv).sum(axis=0)
+    g_q = 2.0 * ((Z[:, None] * Zp).sum(axis=2) * inv[:, None, :]).sum(axis=0) - ((zz * inv)[:, None, :] * dpi).sum(axis=0)
     loglik = np.where(bad, -np.inf, -logdet - 0.5 * q)
     grad = (-g_logdet - 0.5 * g_q).T
     fisher = np.moveaxis(-h_logdet, 2, 0)
