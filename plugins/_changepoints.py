@@ -143,10 +143,10 @@ class OnlineChangePoints:
         new[:, 0] = self.log_h
         # Sufficient statistics of each run length after this displacement: the run of length r
         # now holds the last r + 1 displacements (r = 0: this one only).
-        for arr, v in ((n, 1.0), (sx, dx), (sy, dy), (sq, d2)):
+        for arr, v in ((n, np.ones(rows.size)), (sx, dx), (sy, dy), (sq, d2)):
             arr[:, 1:] = arr[:, :-1]
             arr[:, 0] = 0.0
-            arr += v if np.isscalar(v) else np.asarray(v)[:, None]
+            arr += np.asarray(v, dtype=np.float64)[:, None]
         self.log_p[sel] = new
         if not every:
             self.n[rows], self.sx[rows], self.sy[rows], self.sq[rows] = n, sx, sy, sq
