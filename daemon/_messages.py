@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "2.0"
 
 ENGINE_TOPICS = ("run_start", "run_stop", "heartbeat", "dropped_frames", "stage_error", "source_error", "welcome", "action")
 

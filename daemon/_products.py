@@ -16,9 +16,9 @@ The store lives for one frame: the pipeline clears it before the next. Results o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -171,16 +171,18 @@ class TrackUpdate:
 
 @dataclass(frozen=True)
 class DiffusionEstimates:
-    """Diffusion estimates for several tracks, one element per estimate (produced by ``diffusion``).
+    """Estimates completed in one frame (in the :class:`DiffusionUpdate` that ``diffusion`` produces), one element per estimate.
 
     Attributes
     ----------
     particle, frame_start, frame_end, n_steps
         int64 arrays.
-    D_um2_per_s, D_err_um2_per_s, sigma_loc_nm
-        float64 arrays, NaN where undefined.
+    D_um2_per_s, D_err_um2_per_s, D_crlb_um2_per_s, sigma_loc_nm
+        float64 arrays, NaN where undefined (D is always defined).
+    method
+        uint8 codes into :data:`~scopestream.plugins._diffusion_mle.METHOD_LABELS`.
     window
-        ``"rolling"`` (the last ``window_frames`` frames) or ``"track"`` (the whole track).
+        uint8 codes into :data:`scopestream.plugins.diffusion.WINDOW_LABELS`.
     """
 
     particle: np.ndarray
@@ -189,11 +191,29 @@ class DiffusionEstimates:
     n_steps: np.ndarray
     D_um2_per_s: np.ndarray
     D_err_um2_per_s: np.ndarray
+    D_crlb_um2_per_s: np.ndarray
     sigma_loc_nm: np.ndarray
-    window: Literal["rolling", "track"]
+    method: np.ndarray
+    window: np.ndarray
 
     def __len__(self) -> int:
         return int(self.particle.shape[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The wire arrays (field name -> array)."""
+        return {name: getattr(self, name) for name in ESTIMATE_FIELDS}
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[DiffusionEstimates]) -> DiffusionEstimates:
+        """All rows of several estimates."""
+        return cls(**{name: np.concatenate([getattr(p, name) for p in parts]) for name in ESTIMATE_FIELDS})
+
+
+ESTIMATE_FIELDS = (
+    "particle", "frame_start", "frame_end", "n_steps", "D_um2_per_s", "D_err_um2_per_s", "D_crlb_um2_per_s",
+    "sigma_loc_nm", "method", "window",
+)
+
 
 
 @dataclass(frozen=True)
@@ -209,7 +229,7 @@ class DiffusionUpdate:
     """
 
     frame_seq: int
-    estimates: tuple[DiffusionEstimates, ...] = ()
+    estimates: tuple[DiffusionEstimates, ...] = ()  # at most one: the rows completed in the frame
 
 
 @dataclass(frozen=True)

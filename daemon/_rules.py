@@ -75,6 +75,8 @@ log = logging.getLogger(__name__)
 ROW_COLUMNS: dict[str, tuple[str, ...]] = {
     "track": ("particle", "x", "y"),
     "localizations": ("x", "y", "photons", "background", "sigma", "uncertainty_px"),
+    "diffusion": ("particle", "frame_start", "frame_end", "n_steps", "D_um2_per_s", "D_err_um2_per_s",
+                  "D_crlb_um2_per_s", "sigma_loc_nm", "method", "window"),
 }
 
 CONTEXT_NAMES = ("centre_x_px", "centre_y_px", "width_px", "height_px", "pixel_size_um", "pixel_size_nm")
@@ -661,6 +663,12 @@ class RuleEngine:
             if column in arrays:
                 n_rows = int(np.asarray(arrays[column]).shape[0])
                 break
+        labels = getattr(body, "labels", None)
+        if isinstance(labels, Mapping) and labels:  # coded columns (docs/events.md): compare by name
+            arrays = dict(arrays)
+            for column, names in labels.items():
+                if column in arrays:
+                    arrays[column] = np.asarray(names, dtype=object)[np.asarray(arrays[column], dtype=np.intp)]
         ev = _Event(body, arrays, n_rows, self._context())
         firings = []
         for st in self.states:

@@ -3,7 +3,8 @@
 One file per mapped topic (``localizations.csv``, ``tracks.csv``, ``diffusion.csv``, ...). A message
 with 1-D arrays of one length gives one row per element (columns: ``frame``, then the arrays); a
 message without arrays gives one row of its scalar body fields. ``frame_seq`` is written as
-``frame``. Rows are written as they come, so memory does not grow with the run.
+``frame``. An integer array named in the body's ``labels`` mapping is categorical: value i is
+written as ``labels[name][i]``. Rows are written as they come, so memory does not grow with the run.
 """
 
 from __future__ import annotations
@@ -94,6 +95,13 @@ def _rows(env: Envelope) -> list[dict[str, Any]]:
         n = lengths.pop()
         if n == 0:
             return []
+        labels = getattr(env.body, "labels", None)
+        if isinstance(labels, Mapping):
+            for name, names_of in labels.items():
+                a = columns.get(name)
+                if a is not None and a.dtype.kind in "iu":
+                    table = np.asarray(list(names_of) + [""], dtype=object)
+                    columns[name] = table[np.where((a >= 0) & (a < len(names_of)), a, len(names_of))]
         frame = env.frame_seq if env.frame_seq is not None else ""
         names = ["frame", *columns]
         return [dict(zip(names, values, strict=True))

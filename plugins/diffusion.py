@@ -1,38 +1,58 @@
-"""Diffusion coefficient per track, online: rolling windows and whole tracks.
+"""Diffusion coefficient per track, online: rolling windows, whole tracks and segments.
 
-Default estimator: the covariance-based estimator (CVE) of Vestergaard, Blainey & Flyvbjerg
-(2014), per axis, from successive displacements ``d_n`` over the frame interval dt:
+Estimators (``diffusion.method``; per row, the ``method`` column says which one gave it):
 
-    D = <d_n^2> / (2 dt) + <d_n d_(n+1)> / dt
-    sigma^2 = R <d_n^2> + (2R - 1) <d_n d_(n+1)>
-    var(D) = D^2 [(6 + 4 e + 2 e^2) / N + 4 (1 + e)^2 / N^2],  e = sigma^2 / (D dt) - 2R
+- ``cve``: the covariance-based estimator of Vestergaard, Blainey & Flyvbjerg (2014), per axis,
+  from successive displacements ``d_n`` over the frame interval dt::
 
-with the motion-blur coefficient ``R = exposure / (6 frame interval)`` (uniform illumination
-during the exposure, ``acquisition.exposure_ms`` / ``acquisition.frame_interval_ms``). It is
-unbiased under blur and localization noise. x and y are averaged (the variance halves).
-Displacements are taken only between consecutive frames, and covariances only between
-consecutive displacements, so gap-closed tracks stay unbiased. D may come out negative for a
-nearly immobile particle (the estimator is unbiased, not clipped); sigma_loc is reported only
-when its variance estimate is positive.
+      D = <d_n^2> / (2 dt) + <d_n d_(n+1)> / dt
+      sigma^2 = R <d_n^2> + (2R - 1) <d_n d_(n+1)>
+      var(D) = D^2 [(6 + 4 e + 2 e^2) / N + 4 (1 + e)^2 / N^2],  e = sigma^2 / (D dt) - 2R
 
-Alternative (``method="msd"``): an ordinary least-squares fit of the 2-D MSD at lags 1..p,
-``MSD(n) = 4 D dt (n - 2R) + 4 sigma^2``, with the number of points p chosen from the reduced
-localization error ``x = sigma^2 / (D dt)`` as Michalet (2010) / Michalet & Berglund (2012)
-recommend, iterated from p = 2 (we use their long-track approximation p = 2 + 1.6 x^0.51,
-capped at ``msd_max_lag`` and half the number of steps). Its reported error is the CVE formula
-at the fitted values (a lower bound for the fit).
+  with the motion-blur coefficient ``R = exposure / (6 frame interval)``. Unbiased under blur and
+  localization noise; the right choice when sigma is unknown (within 1-7 % of the bound then).
+  Displacements only between consecutive frames, covariances only between consecutive
+  displacements, so gap-closed tracks stay unbiased. D may come out negative for a nearly
+  immobile particle (unbiased, not clipped).
+- ``msd``: an ordinary least-squares fit of the 2-D MSD at lags 1..p,
+  ``MSD(n) = 4 D dt (n - 2R) + 4 sigma^2``, p chosen from the reduced localization error
+  (Michalet & Berglund 2012); its reported error is the CVE formula at the fitted values.
+- ``mle``: the exact Gaussian likelihood of the displacements with blur (Berglund 2010) and the
+  per-spot uncertainties that ``localize`` reports (Relich et al. 2016), calibrated for blur
+  (:mod:`scopestream.plugins._loc_calibration`), maximized over D >= 0; ``D_crlb_um2_per_s`` is
+  the Cramér-Rao bound (from the Fisher information at the estimate) and ``D_err`` equals it. A
+  calibration check (score test of the variances' scale, per track and pooled) sends tracks
+  whose uncertainties fail it to the MLE with a free scale (``mle_scaled``); tracks without
+  uncertainties to the joint MLE of D and one common sigma^2 (``mle_joint``). See
+  :func:`scopestream.plugins._diffusion_mle.estimate_batch`.
+- ``auto`` (default): ``mle`` where every point has an uncertainty and the check passes, else
+  ``cve``.
+
+Rolling estimates are computed for every track at once on a common cadence (every
+``step_frames`` frames, over the last ``window_frames`` frames), so the likelihood work runs as
+one vectorized batch, never per track in Python. Whole-track estimates come when a track ends:
+the CVE from running sums over the whole track; the MLE from its last ``history_frames`` frames.
+Only estimates that exist are published: once per frame, one ``diffusion`` message whose rows
+travel as arrays.
+
+Change points (``change_points``, default on): a causal segmentation of every track by Bayesian
+online change-point detection on the displacements (:mod:`scopestream.plugins._changepoints`).
+When a change is declared, topic ``diffusion_change`` carries the particle, the frame of the
+change and the segments before and after it; every segment that ends (by a change or with its
+track) is published on ``diffusion_segments`` (``analyze``: ``segments.csv``) with D, its error,
+the anomalous exponent alpha and the regime (``immobile, confined, free, directed``, the AnDi 2
+states).
 
 Units: D in um^2/s (``optics.pixel_size_nm``, ``acquisition.frame_interval_ms``), sigma_loc in
-nm. A track with fewer than ``min_steps`` displacements (or no covariance pair) has D undefined:
-``None``, never a number.
-
-State is kept in arrays over open tracks (running sums for the whole track, a ring buffer of
-the last positions for the rolling window and the MSD lags): the per-frame work is vectorized.
+nm. A span with fewer than ``min_steps`` displacements has no estimate (no row). The estimator
+code is pure functions and :class:`DiffusionEstimator` (arrays over open tracks); the stage class
+only moves products and emissions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -40,23 +60,42 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from scopestream.daemon._config import ScopestreamConfig
 from scopestream.daemon._frames import Frame
-from scopestream.daemon._products import DiffusionEstimates, DiffusionUpdate, Products, TrackUpdate
+from scopestream.daemon._products import (
+    ESTIMATE_FIELDS,
+    DiffusionEstimates,
+    DiffusionUpdate,
+    Products,
+    TrackUpdate,
+)
 from scopestream.daemon._stage import Emission, RunContext, StagePlugin
 from scopestream.daemon._tables import as_table
+from scopestream.plugins._changepoints import REGIME_LABELS, OnlineChangePoints, segment_properties
+from scopestream.plugins._diffusion_mle import (
+    METHOD_CODE,
+    METHOD_LABELS,
+    blur_coefficient,
+    displacement_series,
+    estimate_batch,
+)
 
 __all__ = [
     "DiffusionSettings",
     "DiffusionBody",
+    "DiffusionChangeBody",
+    "DiffusionSegmentsBody",
+    "ChangeEstimates",
     "DiffusionEstimates",
     "DiffusionEstimator",
     "DiffusionUpdate",
     "DiffusionStage",
     "cve_from_sums",
     "cve_variance",
-    "estimate_bodies",
     "estimate_diffusion",
     "PLUGIN",
 ]
+
+
+WINDOW_LABELS: tuple[str, ...] = ("rolling", "track")
 
 
 class DiffusionSettings(BaseModel):
@@ -64,8 +103,14 @@ class DiffusionSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
-    method: Literal["cve", "msd"] = Field(
-        "cve", description="'cve': covariance-based estimator (Vestergaard et al. 2014); 'msd': MSD fit with the optimal number of points (Michalet & Berglund 2012)."
+    method: Literal["cve", "msd", "mle", "auto"] = Field(
+        "auto",
+        description=(
+            "'cve': covariance-based estimator (Vestergaard et al. 2014); 'msd': MSD fit with the optimal number of "
+            "points (Michalet & Berglund 2012); 'mle': maximum likelihood with blur and the per-spot uncertainties "
+            "(Berglund 2010, Relich et al. 2016), with its Cramér-Rao bound; 'auto': 'mle' where every point has a "
+            "calibrated uncertainty, else 'cve'. ('network' is not built yet.)"
+        ),
     )
     window_frames: int = Field(50, ge=3, le=10_000, description="Length of the rolling window, frames.")
     step_frames: int | None = Field(
@@ -78,39 +123,74 @@ class DiffusionSettings(BaseModel):
         None, ge=0, le=0.25,
         description="Motion-blur coefficient R; None: acquisition.exposure_ms / (6 * acquisition.frame_interval_ms).",
     )
+    history_frames: int = Field(
+        200, ge=3, le=10_000,
+        description="Positions kept per track, frames: the MLE of a whole track and the segments use at most this many last frames.",
+    )
+    calibrate_uncertainties: bool = Field(
+        True,
+        description="Correct the per-spot uncertainties for motion blur (localize's fixed-width fit understates them for moving spots); false for uncertainties that already include it.",
+    )
+    change_points: bool = Field(True, description="Segment every track online (Bayesian change points) and publish diffusion_change / diffusion_segments.")
+    hazard_frames: float = Field(100.0, gt=1, le=1e6, description="Expected segment length for the change-point prior, frames.")
+    change_threshold: float = Field(
+        0.9, gt=0, lt=1, description="Posterior probability of a change after the current segment's start that declares it."
+    )
+    min_segment_frames: int = Field(4, ge=2, le=1000, description="Fewest displacements in a segment (also the least detection delay).")
+    immobile_D_um2_per_s: float = Field(
+        0.001, ge=0, le=1e3, description="A segment with D below this is immobile whatever its error, um^2/s."
+    )
 
 
 class DiffusionBody(BaseModel):
-    """Body of a ``diffusion`` event: one estimate for one track over a span of frames."""
+    """Body of a ``diffusion`` event: every estimate completed in one frame, one per row of the
+    arrays ``particle, frame_start, frame_end, n_steps`` (int64), ``D_um2_per_s,
+    D_err_um2_per_s, D_crlb_um2_per_s, sigma_loc_nm`` (float64, NaN where undefined), ``method``
+    and ``window`` (uint8 codes into ``labels``)."""
 
     model_config = ConfigDict(frozen=True)
 
-    particle: int = Field(description="Track id (as in the 'track' topic).")
-    frame_start: int = Field(description="First frame of the span (daemon frame_seq).")
-    frame_end: int = Field(description="Last frame of the span (daemon frame_seq).")
-    D_um2_per_s: float | None = Field(description="Diffusion coefficient, um^2/s; None when the span is too short.")
-    D_err_um2_per_s: float | None = Field(description="Its standard error (theory, at the estimate), um^2/s; None when undefined.")
-    sigma_loc_nm: float | None = Field(description="Estimated static localization error (one axis, SD), nm; None when undefined or its variance estimate is not positive.")
-    n_steps: int = Field(description="Number of frame-to-frame displacements used.")
-    window: Literal["rolling", "track"] = Field(description="'rolling': the last window_frames frames; 'track': the whole track.")
-    method: Literal["cve", "msd"] = Field(description="Estimator used.")
+    frame_seq: int = Field(description="The frame whose processing completed these estimates.")
+    count: int = Field(description="Number of estimates (length of every array).")
+    method: Literal["cve", "msd", "mle", "auto"] = Field(description="The configured diffusion.method.")
+    labels: dict[str, list[str]] = Field(
+        description="Category names of the integer arrays: value i of array 'method' means labels['method'][i] (cve, msd, mle, mle_scaled, mle_joint, network); of 'window', labels['window'][i] (rolling: the last window_frames frames; track: the whole track)."
+    )
 
 
-def estimate_bodies(est: DiffusionEstimates, method: Literal["cve", "msd"]) -> list[DiffusionBody]:
-    """One event body per estimate (NaN -> None)."""
-    def opt(v: float) -> float | None:
-        return float(v) if np.isfinite(v) else None
+class DiffusionChangeBody(BaseModel):
+    """Body of a ``diffusion_change`` event: the change points declared in one frame, one per row
+    of the arrays ``particle, frame_change, before_frame_start, after_n_steps, before_n_steps``
+    (int64), ``before_D_um2_per_s, before_D_err_um2_per_s, before_alpha, after_D_um2_per_s,
+    after_D_err_um2_per_s`` (float64, NaN where undefined), ``before_regime, after_regime``
+    (uint8 codes into ``labels``)."""
 
-    return [
-        DiffusionBody(
-            particle=int(p), frame_start=int(fs), frame_end=int(fe), D_um2_per_s=opt(d), D_err_um2_per_s=opt(e),
-            sigma_loc_nm=opt(s), n_steps=int(n), window=est.window, method=method,
-        )
-        for p, fs, fe, d, e, s, n in zip(
-            est.particle, est.frame_start, est.frame_end, est.D_um2_per_s, est.D_err_um2_per_s,
-            est.sigma_loc_nm, est.n_steps, strict=True,
-        )
-    ]
+    model_config = ConfigDict(frozen=True)
+
+    frame_seq: int = Field(description="The frame in which the changes were declared (the delay is frame_seq - frame_change).")
+    count: int = Field(description="Number of change points (length of every array).")
+    labels: dict[str, list[str]] = Field(description="Category names of 'before_regime' and 'after_regime': immobile, confined, free, directed.")
+
+
+class DiffusionSegmentsBody(BaseModel):
+    """Body of a ``diffusion_segments`` event: segments that ended in one frame (by a change point,
+    or with their track), one per row of the arrays ``particle, frame_start, frame_end, n_steps``
+    (int64), ``D_um2_per_s, D_err_um2_per_s, alpha`` (float64, NaN where undefined) and
+    ``regime`` (uint8 code into ``labels``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    frame_seq: int = Field(description="The frame in which the segments ended.")
+    count: int = Field(description="Number of segments (length of every array).")
+    labels: dict[str, list[str]] = Field(description="Category names of 'regime': immobile, confined, free, directed (AnDi 2; Stat, RCir, RanW, Flow).")
+
+
+@dataclass(frozen=True)
+class ChangeEstimates:
+    """Change points declared and segments ended in one frame (arrays, as on the wire)."""
+
+    changes: dict[str, np.ndarray]
+    segments: dict[str, np.ndarray]
 
 
 def cve_from_sums(
@@ -221,12 +301,17 @@ def msd_optimal_fit(
 class DiffusionEstimator:
     """Per-track diffusion state and estimates, fed one :class:`TrackUpdate` per frame.
 
+    All state lives in arrays over open tracks (running sums for the whole-track CVE, a ring of
+    the last ``history_frames`` positions, uncertainties and frames, the change-point
+    posteriors); the per-frame work is vectorized and the estimates of a frame are one batch.
+
     Parameters
     ----------
     settings
         The stage settings.
     config
-        Pixel size, exposure and frame interval come from here.
+        Pixel size, exposure, frame interval and the PSF width (``localize.psf_sigma_px`` or the
+        optics) come from here.
     """
 
     def __init__(self, settings: DiffusionSettings, config: ScopestreamConfig | None = None) -> None:
@@ -235,14 +320,21 @@ class DiffusionEstimator:
         acq = config.acquisition
         self.blur = (
             settings.blur_coefficient if settings.blur_coefficient is not None
-            else acq.exposure_ms / (6.0 * acq.frame_interval_ms)
+            else blur_coefficient(acq.exposure_ms, acq.frame_interval_ms)
         )
+        self.exposure_frames = acq.exposure_ms / acq.frame_interval_ms
         px_um = config.optics.pixel_size_nm / 1000.0
         self._px2_per_frame_to_um2_per_s = px_um**2 / (acq.frame_interval_ms / 1000.0)
         self._px_to_nm = config.optics.pixel_size_nm
+        self.psf_sigma_px = _psf_sigma_px(config)
         self._lags = settings.msd_max_lag if settings.method == "msd" else 1
-        self._ring_len = max(settings.window_frames, self._lags + 1)
+        self._ring_len = max(settings.window_frames, settings.history_frames, self._lags + 1)
         self._step = settings.step_frames if settings.step_frames is not None else max(1, settings.window_frames // 2)
+        self._changes = (
+            OnlineChangePoints(settings.hazard_frames, settings.change_threshold, settings.min_segment_frames)
+            if settings.change_points else None
+        )
+        self._immobile_px2_per_frame = settings.immobile_D_um2_per_s / self._px2_per_frame_to_um2_per_s
         self._alloc(0)
 
     def _alloc(self, n: int) -> None:
@@ -258,14 +350,18 @@ class DiffusionEstimator:
         self.sum_cov = np.empty(n)
         self.n_cov = np.empty(n, dtype=np.int64)
         self.ring = np.empty((n, L, 2))
+        self.ring_sigma = np.empty((n, L))
         self.ring_frame = np.empty((n, L), dtype=np.int64)
+        self.disp_start = np.empty((n, L), dtype=np.int64)  # start frame of each change-point step
         self.msd_sum = np.empty((n, K))
         self.msd_n = np.empty((n, K), dtype=np.int64)
-        self.next_rolling = np.empty(n, dtype=np.int64)
+        self.warm_D = np.empty(n)
+        self.seg_first = np.empty(n, dtype=np.int64)  # first frame of the current segment
 
     _FIELDS = (
         "ids", "first_frame", "last_frame", "last_pos", "last_disp", "last_disp_frame", "sum_sq", "n_sq",
-        "sum_cov", "n_cov", "ring", "ring_frame", "msd_sum", "msd_n", "next_rolling",
+        "sum_cov", "n_cov", "ring", "ring_sigma", "ring_frame", "disp_start", "msd_sum", "msd_n", "warm_D",
+        "seg_first",
     )
 
     @property
@@ -278,49 +374,72 @@ class DiffusionEstimator:
         fresh = DiffusionEstimator.__new__(DiffusionEstimator)
         fresh._ring_len, fresh._lags = self._ring_len, self._lags
         fresh._alloc(n)
+        never = -(10**12)
         fresh.ids[:] = new_ids
         fresh.first_frame[:] = frame
-        fresh.last_frame[:] = -(10**12)
-        fresh.last_pos[:] = 0.0
-        fresh.last_disp[:] = 0.0
-        fresh.ring[:] = 0.0
-        fresh.last_disp_frame[:] = -(10**12)
-        fresh.sum_sq[:] = 0.0
-        fresh.n_sq[:] = 0
-        fresh.sum_cov[:] = 0.0
-        fresh.n_cov[:] = 0
-        fresh.ring_frame[:] = -(10**12)
-        fresh.msd_sum[:] = 0.0
-        fresh.msd_n[:] = 0
-        fresh.next_rolling[:] = frame + self.settings.window_frames - 1
+        fresh.seg_first[:] = frame
+        for name in ("last_frame", "last_disp_frame", "ring_frame", "disp_start"):
+            getattr(fresh, name)[:] = never
+        for name in ("last_pos", "last_disp", "ring", "sum_sq", "sum_cov", "msd_sum"):
+            getattr(fresh, name)[:] = 0.0
+        for name in ("n_sq", "n_cov", "msd_n"):
+            getattr(fresh, name)[:] = 0
+        fresh.ring_sigma[:] = np.nan
+        fresh.warm_D[:] = np.nan
         for name in self._FIELDS:
             setattr(self, name, np.concatenate([getattr(self, name), getattr(fresh, name)]))
+        if self._changes is not None:
+            self._changes.add_rows(n)
         if n and self.ids.size > n and new_ids.min() <= self.ids[: self.ids.size - n].max():
             order = np.argsort(self.ids, kind="stable")
-            for name in self._FIELDS:
-                setattr(self, name, getattr(self, name)[order])
+            self._reorder(order)
+
+    def _reorder(self, order: np.ndarray) -> None:
+        for name in self._FIELDS:
+            setattr(self, name, getattr(self, name)[order])
+        if self._changes is not None:
+            self._changes.reorder(order)
 
     def _remove(self, slots: np.ndarray) -> None:
         keep = np.ones(self.ids.size, dtype=bool)
         keep[slots] = False
-        for name in self._FIELDS:
-            setattr(self, name, getattr(self, name)[keep])
+        self._reorder(np.flatnonzero(keep))
 
-    def update(self, upd: TrackUpdate) -> tuple[DiffusionEstimates | None, DiffusionEstimates | None]:
-        """Add one frame's track positions; returns (rolling estimates due, whole-track
-        estimates of the tracks that ended), each None when there is none."""
+    def update(self, upd: TrackUpdate) -> tuple[DiffusionEstimates | None, ChangeEstimates | None]:
+        """Add one frame's track positions.
+
+        Returns
+        -------
+        estimates, changes
+            The estimates completed this frame (rolling windows when due, whole tracks that
+            ended) and the change points / ended segments, each None when there is none.
+        """
         f = int(upd.frame_seq)
         ids = np.asarray(upd.particle, dtype=np.int64)
+        x = np.asarray(upd.x, dtype=np.float64)
+        y = np.asarray(upd.y, dtype=np.float64)
+        unc = np.asarray(upd.uncertainty_px, dtype=np.float64)
+        if unc.shape != ids.shape:
+            unc = np.full(ids.shape, np.nan)
+        # A NaN position is no detection (the track coasts here).
+        finite = np.isfinite(x) & np.isfinite(y)
+        if not finite.all():
+            ids, x, y, unc = ids[finite], x[finite], y[finite], unc[finite]
+        estimates: list[DiffusionEstimates] = []
+        change_parts: list[dict[str, np.ndarray]] = []
+        segment_parts: list[dict[str, np.ndarray]] = []
+        slot = np.empty(0, dtype=np.intp)
         if ids.size:
             known = np.isin(ids, self.ids)
             if not known.all():
                 self._add_tracks(np.unique(ids[~known]), f)
             slot = np.searchsorted(self.ids, ids)
-            pos = np.column_stack([upd.x, upd.y]).astype(np.float64)
-            consecutive = self.last_frame[slot] == f - 1
+            pos = np.column_stack([x, y])
+            seen = self.last_frame[slot] > -(10**11)
+            gap = f - self.last_frame[slot]
+            consecutive = gap == 1
             disp = pos - self.last_pos[slot]
-            sq = np.where(consecutive, (disp * disp).sum(axis=1), 0.0)
-            self.sum_sq[slot] += sq
+            self.sum_sq[slot] += np.where(consecutive, (disp * disp).sum(axis=1), 0.0)
             self.n_sq[slot] += consecutive
             pair = consecutive & (self.last_disp_frame[slot] == f - 1)
             self.sum_cov[slot] += np.where(pair, (disp * self.last_disp[slot]).sum(axis=1), 0.0)
@@ -337,62 +456,122 @@ class DiffusionEstimator:
                     self.msd_n[slot, lag - 1] += valid
             j = f % self._ring_len
             self.ring[slot, j] = pos
+            self.ring_sigma[slot, j] = unc
             self.ring_frame[slot, j] = f
+            prev_frame = self.last_frame[slot]
             self.last_pos[slot] = pos
             self.last_frame[slot] = f
-        rolling = None
-        if self.settings.rolling and ids.size:
-            due = slot[self.next_rolling[slot] <= f]
-            if due.size:
-                rolling = self._window_estimates(due, f)
-                self.next_rolling[due] = f + self._step
-        ended = None
+            if self._changes is not None and seen.any():
+                rows = slot[seen]
+                step_idx = self._changes.steps[rows]
+                self.disp_start[rows, step_idx % self._ring_len] = prev_frame[seen]
+                scale = 1.0 / np.sqrt(gap[seen])
+                ev = self._changes.update(rows, disp[seen, 0] * scale, disp[seen, 1] * scale)
+                if ev.rows.size:
+                    change_frame = self.disp_start[ev.rows, ev.change_step % self._ring_len]
+                    before = self._segments(ev.rows, self.seg_first[ev.rows], change_frame)
+                    after = self._segments(ev.rows, change_frame, np.full(ev.rows.size, f))
+                    change_parts.append({
+                        "particle": self.ids[ev.rows], "frame_change": change_frame,
+                        "before_frame_start": before["frame_start"], "before_n_steps": before["n_steps"],
+                        "before_D_um2_per_s": before["D_um2_per_s"], "before_D_err_um2_per_s": before["D_err_um2_per_s"],
+                        "before_alpha": before["alpha"], "before_regime": before["regime"],
+                        "after_n_steps": after["n_steps"], "after_D_um2_per_s": after["D_um2_per_s"],
+                        "after_D_err_um2_per_s": after["D_err_um2_per_s"], "after_regime": after["regime"],
+                    })
+                    segment_parts.append(before)
+                    self.seg_first[ev.rows] = change_frame
+        if self.settings.rolling and slot.size and (f + 1) % self._step == 0:
+            est = self._window_estimates(slot, f)
+            if len(est):
+                estimates.append(est)
         if upd.ended:
             gone = np.asarray(upd.ended, dtype=np.int64)
             gone = gone[np.isin(gone, self.ids)]
             if gone.size:
                 slots = np.searchsorted(self.ids, gone)
-                ended = self._track_estimates(slots)
+                est = self._track_estimates(slots)
+                if len(est):
+                    estimates.append(est)
+                if self._changes is not None:
+                    segment_parts.append(self._segments(slots, self.seg_first[slots], self.last_frame[slots]))
                 self._remove(slots)
-        return rolling, ended
+        out = DiffusionEstimates.concatenate(estimates) if estimates else None
+        changes = None
+        if change_parts or segment_parts:
+            changes = ChangeEstimates(_concat(change_parts), _concat([_segment_row(p) for p in segment_parts]))
+        return out, changes
 
-    def finish(self) -> DiffusionEstimates | None:
-        """Whole-track estimates of every open track (run end); clears the state."""
+    def finish(self) -> tuple[DiffusionEstimates | None, ChangeEstimates | None]:
+        """Whole-track estimates and last segments of every open track (run end); clears the state."""
         if self.ids.size == 0:
-            return None
-        out = self._track_estimates(np.arange(self.ids.size))
+            return None, None
+        slots = np.arange(self.ids.size)
+        out = self._track_estimates(slots)
+        changes = None
+        if self._changes is not None:
+            seg = _segment_row(self._segments(slots, self.seg_first, self.last_frame))
+            changes = ChangeEstimates({}, seg)
         self._alloc(0)
-        return out
+        if self._changes is not None:
+            self._changes.reorder(np.empty(0, dtype=np.intp))
+        return (out if len(out) else None), changes
 
     # -- estimates ------------------------------------------------------------------------
 
+    def _gather(self, slots: np.ndarray, first: np.ndarray, last: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Padded (m, L) frames / x / y / sigma of frames first..last of each track (from the ring)."""
+        span = last - first + 1
+        L = int(min(self._ring_len, max(int(span.max()) if span.size else 1, 1)))
+        frames = last[:, None] - (L - 1) + np.arange(L)[None, :]
+        j = frames % self._ring_len
+        rows = slots[:, None]
+        valid = (self.ring_frame[rows, j] == frames) & (frames >= first[:, None])
+        pos = self.ring[rows, j]
+        return (
+            np.where(valid, frames, -1), np.where(valid, pos[..., 0], np.nan), np.where(valid, pos[..., 1], np.nan),
+            np.where(valid, self.ring_sigma[rows, j], np.nan),
+        )
+
+    def _batch(self, slots: np.ndarray, first: np.ndarray, last: np.ndarray, method: str) -> tuple[Any, Any]:
+        frames, x, y, sig = self._gather(slots, first, last)
+        series = displacement_series(frames, x, y, sig)
+        est = estimate_batch(
+            series, self.blur, method, exposure_frames=self.exposure_frames,  # type: ignore[arg-type]
+            psf_sigma_px=self.psf_sigma_px, min_steps=self.settings.min_steps, warm_D=self.warm_D[slots],
+            calibrate=self.settings.calibrate_uncertainties,
+        )
+        return series, est
+
     def _track_estimates(self, slots: np.ndarray) -> DiffusionEstimates:
         s = self.settings
-        if s.method == "cve":
-            d, err, sig2 = cve_from_sums(self.sum_sq[slots], self.n_sq[slots], self.sum_cov[slots], self.n_cov[slots], self.blur, s.min_steps)
-        else:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                msd = self.msd_sum[slots] / self.msd_n[slots]
-            d, err, sig2 = self._msd_estimates(msd, self.msd_n[slots], self.n_sq[slots], self.n_cov[slots])
-        return self._pack(self.ids[slots], self.first_frame[slots], self.last_frame[slots], self.n_sq[slots], d, err, sig2, "track")
+        if s.method in ("cve", "msd"):
+            if s.method == "cve":
+                d, err, sig2 = cve_from_sums(self.sum_sq[slots], self.n_sq[slots], self.sum_cov[slots], self.n_cov[slots], self.blur, s.min_steps)
+            else:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    msd = self.msd_sum[slots] / self.msd_n[slots]
+                d, err, sig2 = self._msd_estimates(msd, self.msd_n[slots], self.n_sq[slots], self.n_cov[slots])
+            code = np.full(slots.size, METHOD_CODE[s.method], dtype=np.uint8)
+            return self._pack(slots, self.first_frame[slots], self.last_frame[slots], self.n_sq[slots], d, err,
+                              np.full(slots.size, np.nan), sig2, code, "track")
+        last = self.last_frame[slots]
+        first = np.maximum(self.first_frame[slots], last - s.history_frames + 1)
+        series, est = self._batch(slots, first, last, s.method)
+        return self._pack(slots, series.frame_start, series.frame_end, series.n, est.D, est.D_err, est.D_crlb_var,
+                          est.sigma2, est.method, "track")
 
     def _window_estimates(self, slots: np.ndarray, f: int) -> DiffusionEstimates:
         s = self.settings
         w = s.window_frames
-        frames = f - w + 1 + np.arange(w)
-        j = frames % self._ring_len
-        pos = self.ring[slots][:, j]  # (m, W, 2)
-        valid = self.ring_frame[slots][:, j] == frames[None, :]
-        step_ok = valid[:, 1:] & valid[:, :-1]
-        disp = np.where(step_ok[:, :, None], pos[:, 1:] - pos[:, :-1], 0.0)
-        sq = (disp * disp).sum(axis=2)
-        n_sq = step_ok.sum(axis=1)
-        pair_ok = step_ok[:, 1:] & step_ok[:, :-1]
-        n_cov = pair_ok.sum(axis=1)
-        if s.method == "cve":
-            cov = np.where(pair_ok, (disp[:, 1:] * disp[:, :-1]).sum(axis=2), 0.0)
-            d, err, sig2 = cve_from_sums(sq.sum(axis=1), n_sq, cov.sum(axis=1), n_cov, self.blur, s.min_steps)
-        else:
+        if s.method == "msd":
+            frames = f - w + 1 + np.arange(w)
+            j = frames % self._ring_len
+            pos = self.ring[slots][:, j]  # (m, W, 2)
+            valid = self.ring_frame[slots][:, j] == frames[None, :]
+            step_ok = valid[:, 1:] & valid[:, :-1]
+            n_sq = step_ok.sum(axis=1)
+            n_cov = (step_ok[:, 1:] & step_ok[:, :-1]).sum(axis=1)
             k = self._lags
             msd = np.full((slots.size, k), np.nan)
             cnt = np.zeros((slots.size, k), dtype=np.int64)
@@ -403,8 +582,35 @@ class DiffusionEstimator:
                 with np.errstate(divide="ignore", invalid="ignore"):
                     msd[:, lag - 1] = (dd * dd).sum(axis=(1, 2)) / cnt[:, lag - 1]
             d, err, sig2 = self._msd_estimates(msd, cnt, n_sq, n_cov)
-        first = np.where(valid.any(axis=1), frames[np.argmax(valid, axis=1)], f)
-        return self._pack(self.ids[slots], first, np.full(slots.size, f), n_sq, d, err, sig2, "rolling")
+            first = np.where(valid.any(axis=1), frames[np.argmax(valid, axis=1)], f)
+            code = np.full(slots.size, METHOD_CODE["msd"], dtype=np.uint8)
+            return self._pack(slots, first, np.full(slots.size, f), n_sq, d, err, np.full(slots.size, np.nan), sig2, code, "rolling")
+        last = np.full(slots.size, f, dtype=np.int64)
+        series, est = self._batch(slots, last - w + 1, last, s.method)
+        mle = est.method != METHOD_CODE["cve"]
+        self.warm_D[slots[mle]] = est.D[mle]
+        return self._pack(slots, series.frame_start, series.frame_end, series.n, est.D, est.D_err, est.D_crlb_var,
+                          est.sigma2, est.method, "rolling")
+
+    def _segments(self, slots: np.ndarray, first: np.ndarray, last: np.ndarray) -> dict[str, np.ndarray]:
+        """D, error, alpha and regime of the segments first..last of tracks ``slots``."""
+        s = self.settings
+        method = "cve" if s.method == "msd" else s.method
+        frames, x, y, sig = self._gather(slots, np.asarray(first), np.asarray(last))
+        series = displacement_series(frames, x, y, sig)
+        est = estimate_batch(
+            series, self.blur, method, exposure_frames=self.exposure_frames,  # type: ignore[arg-type]
+            psf_sigma_px=self.psf_sigma_px, min_steps=2, warm_D=self.warm_D[slots],
+            calibrate=self.settings.calibrate_uncertainties,
+        )
+        alpha, regime = segment_properties(frames, x, y, est.sigma2, est.D, est.D_err, self._immobile_px2_per_frame)
+        k = self._px2_per_frame_to_um2_per_s
+        return {
+            "particle": self.ids[slots].copy(), "frame_start": np.asarray(first, dtype=np.int64).copy(),
+            "frame_end": np.asarray(last, dtype=np.int64).copy(), "n_steps": series.n.astype(np.int64),
+            "D_um2_per_s": np.maximum(est.D, 0.0) * k, "D_err_um2_per_s": est.D_err * k, "alpha": alpha,
+            "regime": regime.astype(np.uint8),
+        }
 
     def _msd_estimates(
         self, msd: np.ndarray, counts: np.ndarray, n_sq: np.ndarray, n_cov: np.ndarray
@@ -417,17 +623,49 @@ class DiffusionEstimator:
         return d, err, sig2
 
     def _pack(
-        self, ids: np.ndarray, first: np.ndarray, last: np.ndarray, n_steps: np.ndarray,
-        d: np.ndarray, err: np.ndarray, sig2: np.ndarray, window: Literal["rolling", "track"],
+        self, slots: np.ndarray, first: np.ndarray, last: np.ndarray, n_steps: np.ndarray, d: np.ndarray,
+        err: np.ndarray, crlb_var: np.ndarray, sig2: np.ndarray, method: np.ndarray, window: str,
     ) -> DiffusionEstimates:
+        """Rows with an estimate, in um^2/s and nm."""
+        keep = np.isfinite(d)
         k = self._px2_per_frame_to_um2_per_s
         with np.errstate(invalid="ignore"):
             sigma_nm = np.where(sig2 > 0, np.sqrt(np.where(sig2 > 0, sig2, 0.0)) * self._px_to_nm, np.nan)
+            crlb = np.sqrt(np.where(crlb_var >= 0, crlb_var, np.nan)) * k
+        n = int(keep.sum())
         return DiffusionEstimates(
-            particle=np.asarray(ids, dtype=np.int64), frame_start=np.asarray(first, dtype=np.int64),
-            frame_end=np.asarray(last, dtype=np.int64), n_steps=np.asarray(n_steps, dtype=np.int64),
-            D_um2_per_s=d * k, D_err_um2_per_s=err * k, sigma_loc_nm=sigma_nm, window=window,
+            particle=self.ids[slots][keep], frame_start=np.asarray(first, dtype=np.int64)[keep],
+            frame_end=np.asarray(last, dtype=np.int64)[keep], n_steps=np.asarray(n_steps, dtype=np.int64)[keep],
+            D_um2_per_s=(d * k)[keep], D_err_um2_per_s=(err * k)[keep], D_crlb_um2_per_s=crlb[keep],
+            sigma_loc_nm=sigma_nm[keep], method=np.asarray(method, dtype=np.uint8)[keep],
+            window=np.full(n, WINDOW_LABELS.index(window), dtype=np.uint8),
         )
+
+
+def _psf_sigma_px(config: ScopestreamConfig) -> float:
+    """The PSF SD ``localize`` fits with (its setting, else from the optics, as it computes it)."""
+    from scopestream.plugins.localize import LocalizeSettings
+
+    extra = config.__pydantic_extra__ or {}
+    settings = config.stage_settings("localize") if "localize" in extra else LocalizeSettings()
+    value = getattr(settings, "psf_sigma_px", None)
+    if value is not None:
+        return float(value)
+    optics = config.optics
+    return max(0.21 * optics.wavelength_nm / optics.na / optics.pixel_size_nm, 0.5)
+
+
+_SEGMENT_COLUMNS = ("particle", "frame_start", "frame_end", "D_um2_per_s", "D_err_um2_per_s", "alpha", "regime", "n_steps")
+
+
+def _segment_row(seg: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: seg[name] for name in _SEGMENT_COLUMNS}
+
+
+def _concat(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if not parts:
+        return {}
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 # -- stage ----------------------------------------------------------------------------------
@@ -435,8 +673,9 @@ class DiffusionEstimator:
 
 class DiffusionStage:
     """The ``diffusion`` stage: consumes the :class:`TrackUpdate`, produces a
-    :class:`DiffusionUpdate` and publishes ``diffusion`` events (rolling estimates when due;
-    whole-track estimates when a track ends and at run end)."""
+    :class:`DiffusionUpdate` (this frame's :class:`DiffusionEstimates`, if any), publishes one
+    ``diffusion`` message per frame with estimates, and ``diffusion_change`` /
+    ``diffusion_segments`` messages when change points are declared or segments end."""
 
     name = "diffusion"
 
@@ -449,39 +688,54 @@ class DiffusionStage:
         """Nothing to prepare: the estimator's arrays grow with the open tracks."""
 
     def process(self, frame: Frame, products: Products) -> Sequence[Emission]:
-        """Add this frame's track positions; emit estimates that are due."""
+        """Add this frame's track positions; emit what completed."""
         upd = products.require(TrackUpdate, self.name)
         self._last_frame = (frame.seq, frame.t_acquired)
-        rolling, ended = self._estimator.update(upd)
-        out = tuple(e for e in (rolling, ended) if e is not None)
-        products.put(DiffusionUpdate(frame.seq, out))
-        return self._emissions(out, frame.seq, frame.t_acquired)
+        est, changes = self._estimator.update(upd)
+        products.put(DiffusionUpdate(frame.seq, () if est is None else (est,)))
+        return self._emissions(est, changes, frame.seq, frame.t_acquired)
 
-    def _emissions(self, estimates: Sequence[DiffusionEstimates], frame_seq: int | None, t: float | None) -> list[Emission]:
-        method = self._estimator.settings.method
-        return [
-            Emission("diffusion", body, frame_seq=frame_seq, t_acquired=t)
-            for est in estimates for body in estimate_bodies(est, method)
-        ]
+    def _emissions(
+        self, est: DiffusionEstimates | None, changes: ChangeEstimates | None, frame_seq: int, t: float | None
+    ) -> list[Emission]:
+        out: list[Emission] = []
+        if est is not None and len(est):
+            body = DiffusionBody(
+                frame_seq=frame_seq, count=len(est), method=self._estimator.settings.method,
+                labels={"method": list(METHOD_LABELS), "window": list(WINDOW_LABELS)},
+            )
+            out.append(Emission("diffusion", body, est.arrays(), frame_seq=frame_seq, t_acquired=t))
+        if changes is not None:
+            regimes = list(REGIME_LABELS)
+            if changes.changes and len(changes.changes["particle"]):
+                body_c = DiffusionChangeBody(
+                    frame_seq=frame_seq, count=len(changes.changes["particle"]),
+                    labels={"before_regime": regimes, "after_regime": regimes},
+                )
+                out.append(Emission("diffusion_change", body_c, changes.changes, frame_seq=frame_seq, t_acquired=t))
+            if changes.segments and len(changes.segments["particle"]):
+                body_s = DiffusionSegmentsBody(
+                    frame_seq=frame_seq, count=len(changes.segments["particle"]), labels={"regime": regimes},
+                )
+                out.append(Emission("diffusion_segments", body_s, changes.segments, frame_seq=frame_seq, t_acquired=t))
+        return out
 
     def teardown(self) -> Sequence[Emission]:
-        """Whole-track estimates of the tracks still open at run end."""
-        final = self._estimator.finish()
-        if final is None:
-            return []
-        seq, t = self._last_frame if self._last_frame is not None else (None, None)
-        return self._emissions([final], seq, t)
+        """Whole-track estimates and last segments of the tracks still open at run end."""
+        est, changes = self._estimator.finish()
+        seq, t = self._last_frame if self._last_frame is not None else (0, None)
+        return self._emissions(est, changes, seq, t)
 
 
 PLUGIN = StagePlugin(
     name="diffusion",
     settings_model=DiffusionSettings,
     build=DiffusionStage,
-    topics={"diffusion": DiffusionBody},
+    topics={"diffusion": DiffusionBody, "diffusion_change": DiffusionChangeBody, "diffusion_segments": DiffusionSegmentsBody},
     consumes=(TrackUpdate,),
     produces=(DiffusionUpdate,),
-    tables={"diffusion": "diffusion.csv"},
-    description="Diffusion coefficient per track (covariance-based estimator, or optimal MSD fit), rolling and whole-track.",
+    tables={"diffusion": "diffusion.csv", "diffusion_segments": "segments.csv"},
+    description="Diffusion coefficient per track (MLE with its Cramér-Rao bound, CVE or MSD), rolling and whole-track; live change points and segments.",
 )
 
 
@@ -496,45 +750,69 @@ def estimate_diffusion(tracks: Any, config: ScopestreamConfig | None = None, **s
     ----------
     tracks
         A pandas DataFrame or mapping of 1-D arrays with columns ``frame``, ``particle``, ``x``,
-        ``y`` (px), e.g. from :func:`scopestream.plugins.track.link`.
+        ``y`` (px) and optionally ``uncertainty_px`` (needed by the MLE's known-sigma form; without
+        it ``method="mle"`` fits one common sigma^2 and ``"auto"`` uses the CVE).
     config
         Pixel size, exposure and frame interval; default: the default configuration.
     **settings
-        Fields of :class:`DiffusionSettings`; ``rolling=True`` adds rolling-window rows.
+        Fields of :class:`DiffusionSettings`; ``rolling=True`` adds rolling-window rows. Default
+        here: ``method="cve"``, no rolling rows, no change points, ``history_frames`` the
+        longest track.
 
     Returns
     -------
     table
-        Columns ``particle, frame_start, frame_end, D_um2_per_s, D_err_um2_per_s, sigma_loc_nm,
-        n_steps, window`` (NaN where undefined): a pandas DataFrame when pandas is installed,
-        else a dict of 1-D numpy arrays. One ``window == "track"`` row per particle.
+        Columns ``particle, frame_start, frame_end, D_um2_per_s, D_err_um2_per_s,
+        D_crlb_um2_per_s, sigma_loc_nm, n_steps, method, window``: a pandas DataFrame when pandas
+        is installed, else a dict of 1-D numpy arrays. One ``window == "track"`` row per particle
+        with an estimate.
     """
-    try:
-        merged = DiffusionSettings.model_validate({"rolling": False, **settings})
-    except ValidationError as exc:
-        raise ValueError("invalid diffusion settings: " + "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (given {e.get('input')!r})" for e in exc.errors()
-        )) from None
-    est = DiffusionEstimator(merged, config)
     cols = {name: np.asarray(tracks[name]) for name in ("frame", "particle", "x", "y")}
+    try:
+        unc_col = np.asarray(tracks["uncertainty_px"], dtype=np.float64)
+    except (KeyError, IndexError, ValueError):
+        unc_col = np.full(cols["x"].shape, np.nan)
     order = np.lexsort((cols["particle"], cols["frame"]))
     frame = cols["frame"][order].astype(np.int64)
     particle = cols["particle"][order].astype(np.int64)
     x = cols["x"][order].astype(np.float64)
     y = cols["y"][order].astype(np.float64)
+    unc = unc_col[order]
+    span = 3
+    if frame.size:
+        _, inv = np.unique(particle, return_inverse=True)
+        lo = np.full(inv.max() + 1, np.iinfo(np.int64).max)
+        hi = np.full(inv.max() + 1, np.iinfo(np.int64).min)
+        np.minimum.at(lo, inv, frame)
+        np.maximum.at(hi, inv, frame)
+        span = int(max(3, (hi - lo).max() + 1))
+    try:
+        merged = DiffusionSettings.model_validate(
+            {"rolling": False, "method": "cve", "change_points": False, "history_frames": min(span, 10_000), **settings}
+        )
+    except ValidationError as exc:
+        raise ValueError("invalid diffusion settings: " + "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (given {e.get('input')!r})" for e in exc.errors()
+        )) from None
+    est = DiffusionEstimator(merged, config)
     results: list[DiffusionEstimates] = []
     bounds = np.flatnonzero(np.r_[True, frame[1:] != frame[:-1], True]) if frame.size else np.array([0])
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        upd = TrackUpdate(int(frame[a]), particle[a:b], x[a:b], y[a:b], [], [])
+        upd = TrackUpdate(int(frame[a]), particle[a:b], x[a:b], y[a:b], [], [], uncertainty_px=unc[a:b])
         rolling, _ = est.update(upd)
         if rolling is not None:
             results.append(rolling)
-    final = est.finish()
+    final, _ = est.finish()
     if final is not None:
         results.append(final)
-    names = ("particle", "frame_start", "frame_end", "D_um2_per_s", "D_err_um2_per_s", "sigma_loc_nm", "n_steps")
-    table: dict[str, np.ndarray] = {
-        n: np.concatenate([getattr(r, n) for r in results]) if results else np.empty(0) for n in names
-    }
-    table["window"] = np.concatenate([np.full(len(r), r.window) for r in results]) if results else np.empty(0, dtype="<U7")
+    table: dict[str, np.ndarray] = {}
+    if results:
+        allrows = DiffusionEstimates.concatenate(results)
+        for name in ESTIMATE_FIELDS:
+            table[name] = getattr(allrows, name)
+        table["method"] = np.asarray(METHOD_LABELS)[allrows.method]
+        table["window"] = np.asarray(WINDOW_LABELS)[allrows.window]
+    else:
+        for name in ESTIMATE_FIELDS:
+            table[name] = np.empty(0)
     return as_table(table)

@@ -68,11 +68,12 @@ def test_msd_method_is_unbiased() -> None:
     assert table.D_um2_per_s.mean() == pytest.approx(0.5, abs=5 * 1.3 * sd_theory / np.sqrt(n_tracks))
 
 
-def test_short_tracks_have_undefined_d() -> None:
+def test_short_tracks_have_no_row() -> None:
+    # One step (particle 7) or a single point (8): no estimate, so no row (never a made-up D).
     t = {"frame": np.array([0, 1, 0]), "particle": np.array([7, 7, 8]), "x": np.array([1.0, 2.0, 5.0]), "y": np.zeros(3)}
-    table = estimate_diffusion(t, CFG)
-    assert table.D_um2_per_s.isna().all() and table.D_err_um2_per_s.isna().all()
-    assert sorted(table.particle.tolist()) == [7, 8]
+    for method in ("cve", "mle", "auto", "msd"):
+        table = estimate_diffusion(t, CFG, method=method)
+        assert len(table) == 0, method
 
 
 def test_gaps_do_not_bias_the_estimate() -> None:
@@ -84,24 +85,39 @@ def test_gaps_do_not_bias_the_estimate() -> None:
     assert table.D_um2_per_s.mean() == pytest.approx(1.0, abs=4 * sd / np.sqrt(800))
 
 
-def test_stage_rolling_ended_and_teardown() -> None:
+def test_stage_publishes_one_message_per_frame_with_arrays() -> None:
     plugin = installed_stage_plugins()["diffusion"]
-    assert plugin.consumes == (TrackUpdate,) and plugin.tables == {"diffusion": "diffusion.csv"}
+    assert plugin.consumes == (TrackUpdate,)
+    assert plugin.tables == {"diffusion": "diffusion.csv", "diffusion_segments": "segments.csv"}
     cfg = build_config({**CFG.model_dump(include={"acquisition", "optics"}), "stages": ["localize", "track", "diffusion"],
-                        "diffusion": {"window_frames": 10, "step_frames": 5}})
+                        "diffusion": {"window_frames": 10, "step_frames": 5, "method": "cve"}})
     stage = DiffusionStage(cfg, cfg.stage_settings("diffusion"))  # type: ignore[arg-type]
-    pos = _simulate(7, 2, 30, 1.0, 0.1)
+    pos = _simulate(7, 3, 30, 1.0, 0.1)
     img = np.zeros((2, 2), np.uint16)
-    bodies = []
+    emissions = []
     for f in range(30):
         ended = [1] if f == 20 else []
-        ids = np.array([0, 1]) if f <= 20 else np.array([0])
-        upd = TrackUpdate(f, ids, pos[ids, f, 0], pos[ids, f, 1], [], ended)
-        bodies += [e.body for e in stage.process(Frame(seq=f, image=img, t_acquired=0.0), Products(upd))]
-    rolling = [b for b in bodies if b.window == "rolling"]  # type: ignore[attr-defined]
-    assert rolling and all(b.frame_end - b.frame_start == 9 for b in rolling)  # type: ignore[attr-defined]
-    ended_bodies = [b for b in bodies if b.window == "track"]  # type: ignore[attr-defined]
-    assert [b.particle for b in ended_bodies] == [1]  # type: ignore[attr-defined]
-    final = [e.body for e in stage.teardown()]
-    assert [b.particle for b in final] == [0] and final[0].n_steps == 29  # type: ignore[attr-defined]
-    assert final[0].D_um2_per_s is not None  # type: ignore[attr-defined]
+        ids = np.array([0, 1, 2]) if f <= 20 else np.array([0, 2])
+        # Particle 2 has a NaN position on every other frame from 10 on (no detection there).
+        x = pos[ids, f, 0].copy()
+        if f >= 10 and f % 2:
+            x[ids == 2] = np.nan
+        upd = TrackUpdate(f, ids, x, pos[ids, f, 1], [], ended)
+        out = stage.process(Frame(seq=f, image=img, t_acquired=0.0), Products(upd))
+        diff = [e for e in out if e.topic == "diffusion"]
+        assert len(diff) <= 1  # at most one message per frame
+        emissions += diff
+    for e in emissions:
+        n = e.body.count  # type: ignore[attr-defined]
+        assert n > 0 and all(len(a) == n for a in e.arrays.values())
+        assert np.isfinite(e.arrays["D_um2_per_s"]).all()  # only rows with an estimate
+    labels = emissions[0].body.labels  # type: ignore[attr-defined]
+    window = [np.asarray(labels["window"])[e.arrays["window"]] for e in emissions]
+    rolling = [(e, w == "rolling") for e, w in zip(emissions, window, strict=True)]
+    assert all((e.frame_seq + 1) % 5 == 0 for e, r in rolling if r.any())  # common cadence
+    ended = [e for e, w in zip(emissions, window, strict=True) if (w == "track").any()]
+    assert [int(e.arrays["particle"][0]) for e in ended] == [1] and ended[0].frame_seq == 20
+    final = stage.teardown()
+    body = [e for e in final if e.topic == "diffusion"][0]
+    assert body.arrays["particle"].tolist() == [0, 2] and body.arrays["n_steps"].tolist()[0] == 29
+    assert (np.asarray(labels["method"])[body.arrays["method"]] == "cve").all()

@@ -47,16 +47,20 @@ def test_fires_once_per_matching_event_within_cooldown_and_never_beyond_max() ->
 
 
 def test_changed_per_key_and_initial_values() -> None:
-    eng = engine([{"name": "fast", "when": {"topic": "diffusion", "condition": {"all": [
-        {"changed": "method", "key": "particle", "to": "msd"}, {"field": "D_um2_per_s", "op": ">", "value": 1.0}]}},
+    eng = engine([{"name": "fast", "when": {"topic": "diffusion", "condition": {"any_row": {"all": [
+        {"changed": "method", "key": "particle", "to": "msd"}, {"field": "D_um2_per_s", "op": ">", "value": 1.0}]}}},
         "do": {"action": "mark", "text": "becomes msd"}}])
+    methods = ["cve", "msd", "mle"]
 
-    def body(p: int, method: str, d: float) -> DiffusionBody:
-        return DiffusionBody(particle=p, frame_start=0, frame_end=10, D_um2_per_s=d, D_err_um2_per_s=None,
-                             sigma_loc_nm=None, n_steps=9, window="rolling", method=method)  # type: ignore[arg-type]
+    def event(p: int, method: str, d: float) -> tuple[DiffusionBody, dict[str, np.ndarray]]:
+        # One row per message, as the stage sends it: coded columns named through `labels`.
+        body = DiffusionBody(frame_seq=10, count=1, method="auto", labels={"method": methods, "window": ["rolling", "track"]})
+        arrays = {"particle": np.array([p]), "D_um2_per_s": np.array([d]), "method": np.array([methods.index(method)], np.uint8),
+                  "window": np.array([0], np.uint8)}
+        return body, arrays
 
     seq = [(1, "cve", 2.0), (1, "msd", 2.0), (1, "msd", 2.0), (2, "msd", 2.0), (2, "msd", 0.5), (1, "cve", 2.0), (1, "msd", 0.5)]
-    fired = [len(eng.evaluate("diffusion", body(*b), {}, now=float(i))) for i, b in enumerate(seq)]
+    fired = [len(eng.evaluate("diffusion", *event(*b), now=float(i))) for i, b in enumerate(seq)]
     # particle 1: cve -> msd fires; msd again does not; particle 2 first seen as msd "becomes" msd;
     # back to cve and to msd again, but D 0.5 fails the comparison.
     assert fired == [0, 1, 0, 1, 0, 0, 0]
