@@ -28,7 +28,7 @@ function decode(frames) {
   const [topicRaw, headerRaw, bodyRaw, ...bufs] = frames;
   const topic = topicRaw.toString("ascii");
   const header = JSON.parse(headerRaw.toString("utf8"));
-  if (!String(header.schema_version).startsWith("1.")) throw new Error(`schema ${header.schema_version}`);
+  if (!String(header.schema_version).startsWith("2.")) throw new Error(`schema ${header.schema_version}`);
   if (header.topic !== topic) throw new Error(`header topic ${header.topic} != ${topic}`);
   const body = JSON.parse(bodyRaw.toString("utf8"));
   if (bufs.length !== header.buffers.length) throw new Error("buffer count differs from header.buffers");
