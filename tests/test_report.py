@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -125,6 +126,9 @@ def test_report_renders_in_chromium_with_every_section_and_image(analyzed: tuple
     # A blank page has variance 0; plots, text and images on white give far more than 100 (grey levels²).
     assert pixels.var() > 100, pixels.var()
     assert (pixels < 128).mean() > 0.01  # dark ink on more than 1 % of the page
+    if os.environ.get("SCOPESTREAM_SCREENSHOT_DIR"):  # keep a copy to look at
+        Path(os.environ["SCOPESTREAM_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(os.environ["SCOPESTREAM_SCREENSHOT_DIR"]) / "report.png")
 
 
 def test_report_numbers_against_truth(analyzed: tuple[Path, np.ndarray]) -> None:
