@@ -37,6 +37,8 @@ LAZY_COMMANDS: tuple[tuple[str, str, str, str], ...] = (
      "scopestream.sim_camera.cli", "add_simulate_command"),
     ("musical", "MUSICAL super-resolution image(s) of a recorded stack",
      "scopestream.plugins.musical_cli", "add_musical_command"),
+    ("report", "an HTML report with plots from analyze's result tables",
+     "scopestream.daemon._report", "add_report_command"),
 )
 """(command, one-line help, module, function): ``module.function(subparsers)`` adds the command's
 real parser, whose handler imports the implementation when run. Add ``train``, ``report`` here."""
@@ -189,6 +191,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
               "bus.policy": "block", "metrics.enabled": False}
     config = load_config(args.config, args.overrides, preset)
     out = Path(args.out)
+    if args.report is not None:
+        from scopestream.daemon._report import require_matplotlib
+
+        require_matplotlib()  # before a long run, not after
     daemon = Daemon(config, serve_events=args.publish, serve_control=False, results_dir=str(out))
     stop = daemon.run_until_stopped()
     assert stop is not None
@@ -198,6 +204,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if stop.exit_status == "failed":
         raise InputError(stop.reason)
     print(json.dumps(summary))
+    if args.report is not None:
+        from scopestream.daemon._config import config_to_dict
+        from scopestream.daemon._report import write_report
+
+        report = Path(args.report) if args.report else out / "report.html"
+        write_report(out, report, config_to_dict(config))
+        log.info("wrote %s", report)
     return 0
 
 
@@ -256,6 +269,8 @@ def build_parser(load: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, help="multi-page TIFF / OME-TIFF")
     p.add_argument("--out", required=True, help="folder for the result tables")
     p.add_argument("--publish", action="store_true", help="also publish events on events.endpoint")
+    p.add_argument("--report", nargs="?", const="", default=None, metavar="FILE",
+                   help="also write the HTML report (default FILE: <out>/report.html; needs matplotlib)")
     _add_config_options(p)
     p.set_defaults(func=_cmd_analyze)
 

@@ -58,7 +58,7 @@ __all__ = [
     "stage_plugins",
 ]
 
-DEFAULT_STAGES: tuple[str, ...] = ("frame_stats", "localize", "track", "diffusion", "musical")
+DEFAULT_STAGES: tuple[str, ...] = ("frame_stats", "preview", "localize", "track", "diffusion", "musical")
 
 MAX_CONFIG_FILE_BYTES = 1 << 20
 """Largest configuration file read, bytes (a configuration is a few kB)."""

@@ -143,7 +143,7 @@ def test_default_daemon_on_the_simulated_camera_publishes_every_stage(
         "musical.window_frames=30", "musical.slide_frames=30", "musical.region_px=15", "musical.subpixels=4",
         "offload.backend=threads", "musical.skip_when_busy=false",
     )
-    assert config.stages == ["frame_stats", "localize", "track", "diffusion", "musical"]
+    assert config.stages == ["frame_stats", "preview", "localize", "track", "diffusion", "musical"]
     daemon = Daemon(config)
     daemons.append(daemon)
     assert daemon.events_endpoint is not None
@@ -160,7 +160,7 @@ def test_default_daemon_on_the_simulated_camera_publishes_every_stage(
     stop = topics["run_stop"][0].body
     assert stop["frames_received"] == 90 == stop["frames_processed"] + stop["frames_dropped"]
     assert stop["exit_status"] == "success"
-    for topic in ("run_start", "frame_stats", "localizations", "track", "diffusion", "musical"):
+    for topic in ("run_start", "frame_stats", "preview", "localizations", "track", "diffusion", "musical"):
         assert topic in topics, f"no {topic} event; got {sorted(topics)}"
     for topic, msgs in topics.items():
         assert [m.header.seq for m in msgs] == list(range(len(msgs))), topic
