@@ -188,7 +188,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     # Every frame of the file, nothing dropped, no ports: analyze is a batch job.
     preset = {"source.kind": "file", "source.file_path": str(args.input), "source.replay_fps": None,
-              "bus.policy": "block", "metrics.enabled": False}
+              "bus.policy": "block", "metrics.enabled": False,
+              "musical.skip_when_busy": False}  # MUSICAL windows wait for the workers, none skipped
     config = load_config(args.config, args.overrides, preset)
     out = Path(args.out)
     if args.report is not None:

@@ -24,7 +24,7 @@ from scopestream.daemon._rules import FieldOfView, RulesSink
 from scopestream.daemon._runner import ExitStatus, Runner, RunnerStatus, new_run_id
 from scopestream.daemon._sources import FrameSource, make_source
 from scopestream.daemon._stage import Offload
-from scopestream.daemon._tables import TableSink
+from scopestream.daemon._tables import ImageSink, TableSink
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,9 @@ class Daemon:
                 self.tables = TableSink(results_dir, tables)
                 # analyze: a slow writer slows the run down, nothing is lost; without it the run fails.
                 self.router.add_sink("tables", self.tables, TABLES_QUEUE_MESSAGES, "block", required=True)
+                if "musical" in config.stages:  # MUSICAL images as TIFF files under <out>/musical/
+                    images = ImageSink(results_dir, {"musical": "musical"})
+                    self.router.add_sink("images", images, TABLES_QUEUE_MESSAGES, "block", required=True)
             source = source or make_source(config)
             # Actuators come from the source once it is open; actions from clients and rules go
             # through one service that checks the limits and publishes each on topic `action`.

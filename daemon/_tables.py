@@ -112,3 +112,43 @@ def _rows(env: Envelope) -> list[dict[str, Any]]:
         row["frame"] = body.pop("frame_seq")
     row.update({k: ("" if v is None else v) for k, v in body.items() if v is None or isinstance(v, int | float | str | bool)})
     return [row]
+
+
+class ImageSink:
+    """Writes the 2-D image array of each message on the mapped topics to its own TIFF file (a
+    :class:`Sink`), as ``analyze`` does for ``musical`` under ``<out>/musical/``.
+
+    The file's description is the message body as JSON (for ``musical``: ``particle``, ``kind``,
+    ``frame_start``, ``frame_end``, ``x0_px``, ``y0_px``, ``subpixels``, ...), so that readers
+    (``scopestream report``, the napari reader) place and scale the image without our code.
+    Files are named ``<kind>_<particle>_<frame_start>-<frame_end>.tif``.
+    """
+
+    def __init__(self, out_dir: str | Path, folders: Mapping[str, str], array: str = "image") -> None:
+        self.out_dir = Path(out_dir)
+        self._folders = dict(folders)
+        self._array = array
+        self.images_written: dict[str, int] = dict.fromkeys(self._folders.values(), 0)
+
+    def handle(self, envelope: Envelope) -> None:
+        folder = self._folders.get(envelope.topic)
+        image = envelope.arrays.get(self._array)
+        if folder is None or image is None:
+            return
+        import json
+
+        import tifffile
+
+        body = envelope.body.model_dump(mode="json")
+        who = "field" if body.get("particle") is None else str(body["particle"])
+        name = f"{body.get('kind', envelope.topic)}_{who}_{body.get('frame_start', envelope.seq)}-{body.get('frame_end', '')}.tif"
+        path = self.out_dir / folder / name
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(path, np.asarray(image, dtype=np.float32), description=json.dumps(body), metadata=None)
+        except OSError as exc:
+            raise OSError(f"cannot write the image {str(path)!r}: {exc.strerror or exc}") from None
+        self.images_written[folder] += 1
+
+    def close(self) -> None:
+        """Nothing held open: every image is written whole when it arrives."""

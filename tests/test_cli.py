@@ -81,6 +81,32 @@ def test_analyze_processes_every_frame_and_writes_tables(tmp_path: Path) -> None
     assert float(rows[6]["saturated_fraction"]) == 0.0
 
 
+def test_analyze_writes_every_musical_window_as_an_image_the_readers_place(tmp_path: Path) -> None:
+    # 60 frames, full-field windows of 20 frames every 20 frames: exactly 3 windows, none skipped
+    # (analyze waits for the off-thread service rather than skipping), each written as a TIFF whose
+    # description places it; the batch MUSICAL of the same frames is the reference image.
+    from scopestream.daemon._report import load_results, musical_files
+    from scopestream.plugins.musical import musical_image
+
+    rng = np.random.default_rng(5)
+    stack = rng.poisson(200, size=(60, 24, 26)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "in.tif", stack)
+    out = run_cli("analyze", str(tmp_path / "in.tif"), "--out", str(tmp_path / "res"), "--set", "stages=[musical]",
+                  "--set", "musical.window_frames=20", "--set", "musical.full_field_every_frames=20",
+                  "--set", "musical.full_field_subpixels=2", "--set", "musical.threshold=-1",
+                  "--set", "offload.backend=threads")
+    assert out.returncode == 0, out.stderr
+    files = musical_files(tmp_path / "res")
+    assert [f.name for f in files] == ["full_field_field_0-19.tif", "full_field_field_20-39.tif", "full_field_field_40-59.tif"]
+    images = load_results(tmp_path / "res").musical
+    assert [(m.frame_start, m.frame_end, m.subpixels, m.x0_px, m.y0_px) for m in images] == [
+        (0, 19, 2, 0.0, 0.0), (20, 39, 2, 0.0, 0.0), (40, 59, 2, 0.0, 0.0)]
+    scale = float(stack[:20].max())  # the live stage normalizes every window by the first window's max
+    expected = musical_image(stack[20:40], scale=scale, subpixels=2, threshold=-1.0, wavelength_nm=510.0, na=1.4,
+                             pixel_size_nm=100.0).image
+    np.testing.assert_allclose(images[1].image, expected, rtol=1e-4, atol=1e-6 * float(np.abs(expected).max()))
+
+
 def test_analyze_refuses_a_file_that_is_not_a_tiff(tmp_path: Path) -> None:
     (tmp_path / "x.tif").write_bytes(b"this is not a tiff")
     out = run_cli("analyze", str(tmp_path / "x.tif"), "--out", str(tmp_path / "res"))
