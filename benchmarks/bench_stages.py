@@ -65,12 +65,10 @@ def _build_stages(config: Any, frame_shape: tuple[int, int]) -> tuple[list[Any],
     """The configured stages, built as the runner builds them, and a factory of the per-frame
     products store. Kept thin so that it follows the engine's stage contract."""
     from scopestream.daemon._config import stage_plugins
-    from scopestream.daemon._stage import build_stage
-
     from scopestream.daemon._messages import SourceDescription
     from scopestream.daemon._offload import Offload
     from scopestream.daemon._products import Products
-    from scopestream.daemon._stage import RunContext
+    from scopestream.daemon._stage import RunContext, build_stage
 
     plugins = stage_plugins()
     stages = [build_stage(plugins[name], config, config.stage_settings(name)) for name in config.stages]
