@@ -211,6 +211,10 @@ class OffloadConfig(_Section):
     workers: int = Field(1, ge=1, le=256, description="Worker processes or threads (and LocalCluster workers for 'dask' without a scheduler_address).")
     max_in_flight_jobs: int = Field(4, ge=1, le=4096, description="Jobs submitted and not yet delivered, at most, over all stages; beyond it a job is skipped and counted.")
     teardown_timeout_s: float = Field(120.0, gt=0, le=3600, description="At the end of a run, wait at most this long for jobs in flight, s.")
+    worker_niceness: int = Field(
+        10, ge=0, le=19,
+        description="Backend 'processes': each worker raises its niceness by this much (os.nice) when it starts, so that the camera path wins the CPU when the cores are busy; 0: same priority as the daemon.",
+    )
 
     @model_validator(mode="after")
     def _address_needs_dask(self) -> OffloadConfig:

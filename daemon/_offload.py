@@ -32,7 +32,9 @@ Backends (``offload.backend``), behind :class:`OffloadBackend`:
   shuts the pool down in order) and dies with the daemon (``PR_SET_PDEATHSIG`` on Linux), so a
   ``kill -9`` of the daemon leaves no orphan; multiprocessing's resource tracker ends when the
   last process holding its pipe is gone. BLAS is limited to one thread per worker through
-  ``threadpoolctl`` (batched ``eigh`` ran 15× slower with two BLAS threads than with one).
+  ``threadpoolctl`` (batched ``eigh`` ran 15× slower with two BLAS threads than with one), and
+  runs ``offload.worker_niceness`` (default 10) nicer than the daemon, so that on a busy machine
+  the camera path gets the CPU first and slow jobs take what is left (or are skipped when busy).
 - ``threads``: a thread pool in the daemon (no pickling; BLAS of the whole daemon limited to one
   thread, since a BLAS thread limit is process-wide).
 - ``dask``: a ``distributed`` cluster: the one at ``offload.scheduler_address``, or, when that is
@@ -115,12 +117,18 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _init_process_worker(parent_pid: int) -> None:
+def _init_process_worker(parent_pid: int, niceness: int = 0) -> None:
     """Initializer of a ``processes`` worker: no SIGINT (Ctrl-C reaches the whole process group;
-    the daemon shuts the pool down in order), die with the daemon, one BLAS thread."""
+    the daemon shuts the pool down in order), die with the daemon, one BLAS thread, niceness
+    raised by ``niceness`` (slow jobs yield the CPU to the camera path)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     limit_blas_threads()
+    if niceness:
+        try:
+            os.nice(niceness)
+        except OSError as exc:  # pragma: no cover - raising one's own niceness is always allowed
+            log.warning("could not lower the worker's priority: %s", exc)
 
 
 def _call_limited(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
@@ -169,8 +177,9 @@ class ProcessBackend:
 
     name = "processes"
 
-    def __init__(self, workers: int, start_method: Literal["spawn", "forkserver"] = "spawn") -> None:
+    def __init__(self, workers: int, start_method: Literal["spawn", "forkserver"] = "spawn", niceness: int = 0) -> None:
         self._workers = workers
+        self._niceness = niceness
         self._start_method = start_method
         self._pool: cf.ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -189,7 +198,7 @@ class ProcessBackend:
                     max_workers=self._workers,
                     mp_context=multiprocessing.get_context(self._start_method),
                     initializer=_init_process_worker,
-                    initargs=(os.getpid(),),
+                    initargs=(os.getpid(), self._niceness),
                 )
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> cf.Future[Any]:
@@ -363,7 +372,7 @@ class DaskBackend:
 def make_backend(config: OffloadConfig) -> OffloadBackend:
     """The backend that ``config.backend`` names."""
     if config.backend == "processes":
-        return ProcessBackend(config.workers)
+        return ProcessBackend(config.workers, niceness=config.worker_niceness)
     if config.backend == "threads":
         return ThreadBackend(config.workers)
     if config.backend == "dask":

@@ -155,6 +155,23 @@ def test_process_workers_run_single_threaded_blas() -> None:
     assert rec.results and rec.results[0] and set(rec.results[0]) == {1}
 
 
+def test_process_workers_run_nicer_than_the_daemon_by_the_configured_amount() -> None:
+    # The camera path must win the CPU on a busy machine: workers run offload.worker_niceness
+    # nicer than the daemon (the default config's value, and 0 = same priority).
+    from scopestream.daemon._config import OffloadConfig
+    from scopestream.daemon._offload import make_backend
+
+    own = os.nice(0)
+    for niceness in (OffloadConfig().worker_niceness, 0):
+        assert OffloadConfig().worker_niceness == 10
+        offload = Offload(make_backend(OffloadConfig(worker_niceness=niceness)))
+        rec = Recorder()
+        assert rec.submit(offload, jobs.niceness)
+        drain(offload)
+        offload.close(5)
+        assert rec.results == [min(own + niceness, 19)]
+
+
 def test_broken_process_pool_is_rebuilt_and_its_jobs_counted_lost() -> None:
     offload = Offload(ProcessBackend(1), max_in_flight_jobs=4)
     rec = Recorder()
