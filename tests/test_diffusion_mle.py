@@ -295,7 +295,7 @@ def test_grouped_batch_gives_each_group_what_a_separate_batch_gives() -> None:
     assert not np.array_equal(pooled.method, together.method)
 
 
-def test_compiled_recursion_gives_the_numpy_loop_bit_for_bit() -> None:
+def test_compiled_likelihood_gives_the_numpy_code_to_rounding() -> None:
     pytest.importorskip("numba")
     import scopestream.plugins._diffusion_mle as mle
 
@@ -316,5 +316,6 @@ def test_compiled_recursion_gives_the_numpy_loop_bit_for_bit() -> None:
             reference = evaluate(model, theta)
         finally:
             mle._KERNEL[:] = saved
+        # Same operations in the same order; only log may differ in the last bit.
         for a, b in zip(compiled, reference, strict=True):
-            np.testing.assert_array_equal(a, b)
+            np.testing.assert_allclose(a, b, rtol=1e-13, atol=0)
