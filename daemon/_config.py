@@ -132,7 +132,7 @@ class SourceConfig(_Section):
     replay_fps: float | None = Field(
         None, gt=0, le=100_000, description="Pace file replay at this frame rate (live behaviour, frames may drop); None: as fast as possible, nothing dropped."
     )
-    poll_interval_ms: float = Field(0.2, gt=0, le=1000, description="How long the Micro-Manager drain thread sleeps when the buffer is empty, ms (at most 1000).")
+    poll_interval_ms: float = Field(1.0, gt=0, le=1000, description="How long the Micro-Manager drain thread sleeps when the buffer is empty, ms (at most 1000); it adds at most this much latency to a frame.")
     sequence_buffer_mb: int | None = Field(
         None, ge=1, le=1_000_000,
         description="Micro-Manager circular (sequence) buffer, MB (setCircularBufferMemoryFootprint); None: the core's default (UNICORE_SEQUENCE_BUFFER_MB for Python cameras).",
