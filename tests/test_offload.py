@@ -433,3 +433,28 @@ def test_musical_image_is_published_while_the_run_is_paused(
     assert status.state.value == "paused" and status.frames_processed == processed
     daemon.stop()
     assert daemon.wait(30)
+
+
+def test_workers_outlive_the_thread_that_spawned_them() -> None:
+    # The pool spawns its workers from the thread that submits first (the stage thread, which
+    # ends with the run); a worker must die with the daemon, not with that thread, or the jobs
+    # in flight at the end of a run are lost (PR_SET_PDEATHSIG is per thread).
+    offload = Offload(ProcessBackend(1))
+    rec = Recorder()
+
+    def stage_thread() -> None:  # submits first, and ends only after the worker is up
+        assert rec.submit(offload, jobs.pid_after, 0.0)
+        deadline = time.monotonic() + 60
+        while not rec.results and time.monotonic() < deadline:
+            offload.poll()
+            time.sleep(0.01)
+
+    first = threading.Thread(target=stage_thread)
+    first.start()
+    first.join()
+    assert len(rec.results) == 1
+    assert rec.submit(offload, jobs.square_after, 3.0, 1.0)  # in flight after the thread ended
+    drain(offload)
+    offload.close(10)
+    counts = offload.counters("stage")
+    assert counts["lost"] == 0 and counts["done"] == 2 and 9.0 in rec.results
