@@ -2,7 +2,7 @@
 
 The embedded default (``scopestream run`` with no arguments): the simulated widefield camera,
 512 x 512 px, the default scene (~100 particles), 100 frames/s, stages frame_stats, localize,
-track, diffusion, musical.
+track, diffusion, musical (and preview, where configured).
 
 Two modes:
 
@@ -61,20 +61,31 @@ def _stats_line(name: str, cpu_s: Sequence[float], wall_s: Sequence[float]) -> s
 # -- stages ---------------------------------------------------------------------------------
 
 
-def _build_stages(config: Any) -> tuple[list[Any], Callable[[], Any]]:
+def _build_stages(config: Any, frame_shape: tuple[int, int]) -> tuple[list[Any], Callable[[], Any], Any]:
     """The configured stages, built as the runner builds them, and a factory of the per-frame
     products store. Kept thin so that it follows the engine's stage contract."""
     from scopestream.daemon._config import stage_plugins
-    from scopestream.daemon._stage import build_stage
+    from scopestream.daemon._messages import SourceDescription
+    from scopestream.daemon._offload import Offload
+    from scopestream.daemon._products import Products
+    from scopestream.daemon._stage import RunContext, build_stage
 
     plugins = stage_plugins()
     stages = [build_stage(plugins[name], config, config.stage_settings(name)) for name in config.stages]
-    try:  # the typed products store of issue 10, where it exists
-        from scopestream.daemon._products import Products  # type: ignore[import-not-found]
-
-        return stages, Products
-    except ImportError:
-        return stages, dict
+    offload = Offload.from_config(config.offload)
+    offload.start()
+    height, width = frame_shape
+    context = RunContext(
+        frame_shape_px=(height, width), dtype=np.dtype(np.uint16), pixel_size_nm=config.optics.pixel_size_nm,
+        frame_interval_ms=config.acquisition.frame_interval_ms, exposure_ms=config.acquisition.exposure_ms,
+        camera=config.camera, optics=config.optics,
+        source=SourceDescription(kind="micromanager", detail="bench", camera="Camera", width_px=width,
+                                 height_px=height, dtype="uint16", mode="continuous"),
+        offload=offload,
+    )
+    for stage in stages:
+        stage.setup(context)
+    return stages, Products, offload
 
 
 def _simulate_frames(config: Any, n_frames: int) -> tuple[list[np.ndarray], list[float], list[float]]:
@@ -100,13 +111,14 @@ def _simulate_frames(config: Any, n_frames: int) -> tuple[list[np.ndarray], list
 def run_stages(n_frames: int, warmup: int) -> None:
     from scopestream.daemon._frames import Frame
     from scopestream.daemon._messages import encode
+    from scopestream.daemon._products import Localizations
     from scopestream.daemon._publish import Envelope
 
     config = _default_config()
     print(f"stages {config.stages}; {n_frames} frames after {warmup} warm-up frames; "
           f"{os.cpu_count()} cores; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     frames, sim_cpu, json_cpu = _simulate_frames(config, n_frames + warmup)
-    stages, new_products = _build_stages(config)
+    stages, new_products, offload = _build_stages(config, frames[0].shape)
     cpu: dict[str, list[float]] = defaultdict(list)
     wall: dict[str, list[float]] = defaultdict(list)
     counts: dict[str, list[int]] = defaultdict(list)
@@ -131,17 +143,24 @@ def run_stages(n_frames: int, warmup: int) -> None:
             env = Envelope("bench", em.topic, seq, em.body, em.arrays, em.frame_seq, em.t_acquired)
             encode(env.header(time.time()), env.body, env.arrays)
         c1, w1 = time.thread_time(), time.perf_counter()
+        w2, c2 = time.perf_counter(), time.thread_time()
+        done = offload.poll()  # the housekeeping tick's work: off-thread results turned into events
+        c3, w3 = time.thread_time(), time.perf_counter()
         if i >= warmup:
+            cpu["(offload poll)"].append(c3 - c2)
+            wall["(offload poll)"].append(w3 - w2)
+            counts["offload events"].append(len(done))
             cpu["(encode events)"].append(c1 - c0)
             wall["(encode events)"].append(w1 - w0)
             counts["events"].append(len(emitted))
-            loc = products.get("localize") if isinstance(products, dict) else None
+            loc = products.get(Localizations)
             if loc is not None:
                 counts["localizations"].append(len(loc))
     for stage in stages:
         teardown = getattr(stage, "teardown", None)
         if teardown is not None:
             teardown()
+    offload.close(10.0)
     total_cpu = np.sum([np.asarray(v) for v in cpu.values()], axis=0)
     total_wall = np.sum([np.asarray(v) for v in wall.values()], axis=0)
     print(f"events per frame {np.mean(counts['events']):.2f}"

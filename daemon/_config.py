@@ -132,7 +132,7 @@ class SourceConfig(_Section):
     replay_fps: float | None = Field(
         None, gt=0, le=100_000, description="Pace file replay at this frame rate (live behaviour, frames may drop); None: as fast as possible, nothing dropped."
     )
-    poll_interval_ms: float = Field(0.2, gt=0, le=1000, description="How long the Micro-Manager drain thread sleeps when the buffer is empty, ms (at most 1000).")
+    poll_interval_ms: float = Field(1.0, gt=0, le=1000, description="How long the Micro-Manager drain thread sleeps when the buffer is empty, ms (at most 1000); it adds at most this much latency to a frame.")
     sequence_buffer_mb: int | None = Field(
         None, ge=1, le=1_000_000,
         description="Micro-Manager circular (sequence) buffer, MB (setCircularBufferMemoryFootprint); None: the core's default (UNICORE_SEQUENCE_BUFFER_MB for Python cameras).",
@@ -211,6 +211,10 @@ class OffloadConfig(_Section):
     workers: int = Field(1, ge=1, le=256, description="Worker processes or threads (and LocalCluster workers for 'dask' without a scheduler_address).")
     max_in_flight_jobs: int = Field(4, ge=1, le=4096, description="Jobs submitted and not yet delivered, at most, over all stages; beyond it a job is skipped and counted.")
     teardown_timeout_s: float = Field(120.0, gt=0, le=3600, description="At the end of a run, wait at most this long for jobs in flight, s.")
+    worker_niceness: int = Field(
+        10, ge=0, le=19,
+        description="Backend 'processes': each worker raises its niceness by this much (os.nice) when it starts, so that the camera path wins the CPU when the cores are busy; 0: same priority as the daemon.",
+    )
 
     @model_validator(mode="after")
     def _address_needs_dask(self) -> OffloadConfig:

@@ -29,10 +29,12 @@ thread), never on the stage thread: they must not touch stage state without a lo
 Backends (``offload.backend``), behind :class:`OffloadBackend`:
 
 - ``processes`` (default): ``offload.workers`` spawned processes. Each ignores SIGINT (the daemon
-  shuts the pool down in order) and dies with the daemon (``PR_SET_PDEATHSIG`` on Linux), so a
+  shuts the pool down in order) and exits within 0.2 s of the daemon (a thread watching its parent), so a
   ``kill -9`` of the daemon leaves no orphan; multiprocessing's resource tracker ends when the
   last process holding its pipe is gone. BLAS is limited to one thread per worker through
-  ``threadpoolctl`` (batched ``eigh`` ran 15× slower with two BLAS threads than with one).
+  ``threadpoolctl`` (batched ``eigh`` ran 15× slower with two BLAS threads than with one), and
+  runs ``offload.worker_niceness`` (default 10) nicer than the daemon, so that on a busy machine
+  the camera path gets the CPU first and slow jobs take what is left (or are skipped when busy).
 - ``threads``: a thread pool in the daemon (no pickling; BLAS of the whole daemon limited to one
   thread, since a BLAS thread limit is process-wide).
 - ``dask``: a ``distributed`` cluster: the one at ``offload.scheduler_address``, or, when that is
@@ -46,12 +48,12 @@ Backends (``offload.backend``), behind :class:`OffloadBackend`:
 from __future__ import annotations
 
 import concurrent.futures as cf
-import ctypes
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -76,7 +78,7 @@ COUNTER_NAMES = (
 
 # -- worker side ---------------------------------------------------------------------------------
 
-_PR_SET_PDEATHSIG = 1
+_PARENT_CHECK_S = 0.2  # a worker outlives a killed daemon by at most this, s
 _BLAS_LIMITED = False
 
 
@@ -102,25 +104,37 @@ def limit_blas_threads() -> None:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (Linux); elsewhere nothing.
+    """Exit this process as soon as its parent (the daemon) is gone, checked every
+    ``_PARENT_CHECK_S`` by a daemon thread of the worker.
 
-    If the parent died before the request took effect, exit now.
+    Not ``PR_SET_PDEATHSIG``: that signal fires when the parent *thread* that forked the worker
+    ends, and the pool spawns its workers from whichever thread submits (the stage thread), so a
+    run's end killed the workers with their jobs in flight (counted lost).
     """
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
     if os.getppid() != parent_pid:
         os._exit(1)
 
+    def watch() -> None:
+        while True:
+            time.sleep(_PARENT_CHECK_S)
+            if os.getppid() != parent_pid:
+                os._exit(1)
 
-def _init_process_worker(parent_pid: int) -> None:
+    threading.Thread(target=watch, name="scopestream-parent-watch", daemon=True).start()
+
+
+def _init_process_worker(parent_pid: int, niceness: int = 0) -> None:
     """Initializer of a ``processes`` worker: no SIGINT (Ctrl-C reaches the whole process group;
-    the daemon shuts the pool down in order), die with the daemon, one BLAS thread."""
+    the daemon shuts the pool down in order), die with the daemon, one BLAS thread, niceness
+    raised by ``niceness`` (slow jobs yield the CPU to the camera path)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     limit_blas_threads()
+    if niceness:
+        try:
+            os.nice(niceness)
+        except OSError as exc:  # pragma: no cover - raising one's own niceness is always allowed
+            log.warning("could not lower the worker's priority: %s", exc)
 
 
 def _call_limited(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
@@ -169,8 +183,9 @@ class ProcessBackend:
 
     name = "processes"
 
-    def __init__(self, workers: int, start_method: Literal["spawn", "forkserver"] = "spawn") -> None:
+    def __init__(self, workers: int, start_method: Literal["spawn", "forkserver"] = "spawn", niceness: int = 0) -> None:
         self._workers = workers
+        self._niceness = niceness
         self._start_method = start_method
         self._pool: cf.ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -189,7 +204,7 @@ class ProcessBackend:
                     max_workers=self._workers,
                     mp_context=multiprocessing.get_context(self._start_method),
                     initializer=_init_process_worker,
-                    initargs=(os.getpid(),),
+                    initargs=(os.getpid(), self._niceness),
                 )
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> cf.Future[Any]:
@@ -363,7 +378,7 @@ class DaskBackend:
 def make_backend(config: OffloadConfig) -> OffloadBackend:
     """The backend that ``config.backend`` names."""
     if config.backend == "processes":
-        return ProcessBackend(config.workers)
+        return ProcessBackend(config.workers, niceness=config.worker_niceness)
     if config.backend == "threads":
         return ThreadBackend(config.workers)
     if config.backend == "dask":

@@ -333,6 +333,10 @@ def bind_socket(socket: zmq.Socket[bytes], endpoint: str, role: str) -> str:
     return socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+SUBSCRIPTION_CHECK_S = 0.02
+"""How often the publisher looks for (un)subscriptions, s (a subscriber is seen within this)."""
+
+
 class ZmqPublisher:
     """A ZeroMQ XPUB socket; a :class:`Sink` whose ``handle`` runs on its own feed thread.
 
@@ -397,15 +401,18 @@ class ZmqPublisher:
             self._socket.close()
 
     def _watch_subscriptions(self) -> None:
-        while not self._closing.wait(0.005):
+        # The socket is not thread-safe (the sink thread sends on it), so the watcher cannot block
+        # in a poll on it: it looks every SUBSCRIPTION_CHECK_S under the lock, and asks the socket
+        # whether a message waits (ZMQ_EVENTS) rather than letting recv raise zmq.Again.
+        while not self._closing.wait(SUBSCRIPTION_CHECK_S):
             new: list[str] = []
             with self._lock:
                 if self._closed:
                     return
-                while True:
+                while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     try:
                         msg = self._socket.recv(zmq.NOBLOCK)
-                    except zmq.Again:
+                    except zmq.Again:  # pragma: no cover - EVENTS said there was one
                         break
                     if not msg:
                         continue

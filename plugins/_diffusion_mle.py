@@ -40,6 +40,7 @@ the parameters are O(1) whatever the pixel size.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -60,6 +61,7 @@ __all__ = [
     "METHOD_CODE",
     "estimate_batch",
     "cve_series",
+    "warm_up_kernel",
 ]
 
 Kind = Literal["known", "scaled", "common"]
@@ -276,6 +278,17 @@ def evaluate(model: TridiagonalModel, theta: np.ndarray) -> tuple[np.ndarray, np
     # The recursion runs along the displacements (vectorized over tracks) and only stores the
     # pivots d_k, their derivatives and the forward-substituted data z_k; the sums that make the
     # likelihood, gradient and information are taken over all k at once afterwards.
+    kernel = _compiled_recursion()
+    if kernel is not None:
+        loglik = np.empty(m)
+        grad = np.empty((m, P))
+        fisher = np.empty((m, P, P))
+        kernel(
+            np.ascontiguousarray(a_all), np.ascontiguousarray(b_all), np.ascontiguousarray(model.Ma),
+            np.ascontiguousarray(model.Mb), np.ascontiguousarray(model.dx), np.ascontiguousarray(model.dy),
+            loglik, grad, fisher,
+        )
+        return loglik, grad, fisher
     D = np.empty((n, m))
     Dp = np.empty((n, P, m))
     Dpq = np.empty((n, P, P, m))
@@ -318,6 +331,111 @@ def evaluate(model: TridiagonalModel, theta: np.ndarray) -> tuple[np.ndarray, np
     grad = (-g_logdet - 0.5 * g_q).T
     fisher = np.moveaxis(-h_logdet, 2, 0)
     return loglik, grad, fisher
+
+
+def _evaluate_compiled(
+    a_all: np.ndarray, b_all: np.ndarray, Ma: np.ndarray, Mb: np.ndarray, dx: np.ndarray, dy: np.ndarray,
+    loglik: np.ndarray, grad: np.ndarray, fisher: np.ndarray,
+) -> None:  # pragma: no cover - compiled by numba; the numpy code of evaluate is the reference
+    """:func:`evaluate` as scalar loops, one track at a time (compiled with numba): the same
+    recursion, the same operations in the same order (no fast-math), the sums over k taken in
+    order as numpy's reductions along the outer axis take them; results agree with the numpy
+    code to rounding (``log`` may differ in the last bit)."""
+    P, m, n = Ma.shape
+    dp = np.empty(P)
+    dpq = np.empty((P, P))
+    zp = np.empty((P, 2))
+    rp = np.empty(P)
+    g_logdet = np.empty(P)
+    h_a = np.empty((P, P))
+    h_b = np.empty((P, P))
+    gq_a = np.empty(P)
+    gq_b = np.empty(P)
+    for j in range(m):
+        bad = False
+        logdet = 0.0
+        q = 0.0
+        g_logdet[:] = 0.0
+        h_a[:] = 0.0
+        h_b[:] = 0.0
+        gq_a[:] = 0.0
+        gq_b[:] = 0.0
+        d = 0.0
+        z0 = 0.0
+        z1 = 0.0
+        for k in range(n):
+            if k == 0:
+                d = a_all[j, 0]
+                for p in range(P):
+                    dp[p] = Ma[p, j, 0]
+                    for p2 in range(P):
+                        dpq[p, p2] = 0.0
+                    zp[p, 0] = 0.0
+                    zp[p, 1] = 0.0
+                z0 = dx[j, 0]
+                z1 = dy[j, 0]
+            else:
+                b = b_all[j, k - 1]
+                d_prev = d
+                r = b / d_prev
+                for p in range(P):
+                    rp[p] = (Mb[p, j, k - 1] - r * dp[p]) / d_prev
+                r2 = r * r
+                d = a_all[j, k] - r * b
+                for p in range(P):
+                    dp[p] = Ma[p, j, k] - 2.0 * r * Mb[p, j, k - 1] + r2 * dp[p]
+                    for p2 in range(P):
+                        dpq[p, p2] = r2 * dpq[p, p2] - 2.0 * d_prev * rp[p] * rp[p2]
+                    zp[p, 0] = -rp[p] * z0 - r * zp[p, 0]
+                    zp[p, 1] = -rp[p] * z1 - r * zp[p, 1]
+                z0 = dx[j, k] - r * z0
+                z1 = dy[j, k] - r * z1
+            if d > 0:
+                dd = d
+            else:
+                bad = True
+                dd = 1.0
+            inv = 1.0 / dd
+            logdet += np.log(dd)
+            zz = z0 * z0 + z1 * z1
+            q += zz * inv
+            for p in range(P):
+                dpi_p = dp[p] * inv
+                g_logdet[p] += dpi_p
+                for p2 in range(P):
+                    h_a[p, p2] += dpq[p, p2] * inv
+                    h_b[p, p2] += dpi_p * (dp[p2] * inv)
+                gq_a[p] += (z0 * zp[p, 0] + z1 * zp[p, 1]) * inv
+                gq_b[p] += (zz * inv) * dpi_p
+        loglik[j] = -np.inf if bad else -logdet - 0.5 * q
+        for p in range(P):
+            grad[j, p] = -g_logdet[p] - 0.5 * (2.0 * gq_a[p] - gq_b[p])
+            for p2 in range(P):
+                fisher[j, p, p2] = -(h_a[p, p2] - h_b[p, p2])
+
+
+_KERNEL: list[object] = []
+
+
+def _compiled_recursion() -> Callable[..., None] | None:
+    """:func:`_evaluate_compiled` compiled with numba (cached on disk), or None without numba
+    (then :func:`evaluate` runs its numpy code: the same results to rounding, several times slower)."""
+    if not _KERNEL:
+        try:
+            import numba
+        except ImportError:
+            _KERNEL.append(None)
+        else:
+            _KERNEL.append(numba.njit(cache=True, nogil=True)(_evaluate_compiled))
+    return _KERNEL[0]  # type: ignore[return-value]
+
+
+def warm_up_kernel() -> None:
+    """Compile (or load from the disk cache) the likelihood kernel with a two-step track."""
+    if _compiled_recursion() is None:
+        return
+    series = displacement_series(np.arange(3)[None], np.zeros((1, 3)), np.arange(3.0)[None], np.full((1, 3), 0.1))
+    evaluate(build_model(series, 0.1, "known"), np.ones((1, 1)))
 
 
 @dataclass(frozen=True)
@@ -556,6 +674,7 @@ def estimate_batch(
     min_steps: int = 3,
     warm_D: np.ndarray | None = None,
     calibrate: bool = True,
+    groups: np.ndarray | None = None,
 ) -> BatchEstimates:
     """Diffusion estimates of a batch of tracks, by the chosen rule.
 
@@ -594,6 +713,11 @@ def estimate_batch(
     calibrate
         Correct the uncertainties for motion blur (they come from ``localize``'s fixed-width
         fit); False: take them as they are.
+    groups
+        (m,) integer labels: rows with different labels are separate batches computed in one
+        vectorized pass (the pooled check, its kappa correction and the calibration refit are
+        per group), so ``estimate_batch`` of several groups gives the rows of each group what
+        separate calls would (to rounding). None: one group.
     """
     if not calibrate:
         exposure_frames = 0.0
@@ -617,35 +741,56 @@ def estimate_batch(
             if warm_D is not None:
                 w = np.asarray(warm_D, dtype=np.float64)[rows]
                 start = np.where(np.isfinite(w), w, start)
-            res, sig2_used = _fit_known(sub, blur, exposure_frames, psf_sigma_px, start)
+            # Group of each row of sub: the pooled check and its correction are per group.
+            labels = np.zeros(rows.size, dtype=np.int64) if groups is None else np.asarray(groups)[rows]
+            members = [labels == g for g in np.unique(labels)]
+            res, sig2_used = _fit_known(sub, blur, exposure_frames, psf_sigma_px, start, members)
             u_k, i_k = score_test_kappa(
                 _with_variances(sub, sig2_used), blur, res.D, blur_gamma_for(exposure_frames, psf_sigma_px)
             )
+            pooled_z = np.zeros(len(members))
+            kappa_step = np.zeros(len(members))
             with np.errstate(invalid="ignore", divide="ignore"):
                 k_stat = u_k * u_k / i_k
                 fin = np.isfinite(u_k) & np.isfinite(i_k) & (i_k > 0)
-                pooled_z = u_k[fin].sum() / np.sqrt(i_k[fin].sum()) if fin.any() else 0.0
-                # The one-step estimate of kappa - 1 pooled over the batch. The pooled check
-                # rejects only a material miscalibration, kappa off by more than
-                # POOLED_KAPPA_TOLERANCE (a 25 % variance error moves D by 0.25 x sigma^2 / (D dt)).
-                kappa_step = u_k[fin].sum() / i_k[fin].sum() if fin.any() else 0.0
-            if abs(pooled_z) > 2.0 and abs(kappa_step) <= POOLED_KAPPA_TOLERANCE:
+                for j, member in enumerate(members):  # one step per group, not per track
+                    u_g, i_g = u_k[fin & member], i_k[fin & member]
+                    if u_g.size:
+                        pooled_z[j] = u_g.sum() / np.sqrt(i_g.sum())
+                        # The one-step estimate of kappa - 1 pooled over the batch. The pooled
+                        # check rejects only a material miscalibration, kappa off by more than
+                        # POOLED_KAPPA_TOLERANCE (a 25 % variance error moves D by
+                        # 0.25 x sigma^2 / (D dt)).
+                        kappa_step[j] = u_g.sum() / i_g.sum()
+            correct = (np.abs(pooled_z) > 2.0) & (np.abs(kappa_step) <= POOLED_KAPPA_TOLERANCE)
+            if correct.any():
                 # A small common miscalibration (localize's fit is 1-3 % above its bound) is
                 # measured across the batch and corrected: refit with the variances times the
                 # pooled one-step kappa (precise to ~1/sqrt(sum I); it moves D by up to a few %
-                # where sigma^2 >> D dt). Then check again.
-                kappa = 1.0 + kappa_step
-                res, sig2_used = _fit_known(_scale_series(sub, kappa), blur, exposure_frames, psf_sigma_px, res.D)
-                u_k, i_k = score_test_kappa(
-                    _with_variances(sub, sig2_used), blur, res.D, blur_gamma_for(exposure_frames, psf_sigma_px)
+                # where sigma^2 >> D dt). Then check again. Only the groups concerned.
+                redo = np.zeros(rows.size, dtype=bool)
+                kappa = np.ones(rows.size)
+                for g in np.flatnonzero(correct):
+                    redo |= members[g]
+                    kappa[members[g]] = 1.0 + kappa_step[g]
+                r = np.flatnonzero(redo)
+                sub_r = _take_series(sub, r)
+                res_r, used_r = _fit_known(
+                    _scale_series(sub_r, kappa[r][:, None]), blur, exposure_frames, psf_sigma_px, res.D[r],
+                    [member[r] for member in members],
                 )
+                u_r, i_r = score_test_kappa(
+                    _with_variances(sub_r, used_r), blur, res_r.D, blur_gamma_for(exposure_frames, psf_sigma_px)
+                )
+                res = _replace_rows(res, r, res_r)
+                sig2_used = _put_rows(sig2_used, r, used_r)
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    k_stat = u_k * u_k / i_k
+                    k_stat[r] = u_r * u_r / i_r
             stat[rows] = k_stat
             # Per track, and pooled over the batch (far more power: many tracks, one camera).
             trusted = ~(k_stat > SCORE_TEST_THRESHOLD)
-            if pooled_z**2 > SCORE_TEST_THRESHOLD and abs(kappa_step) > POOLED_KAPPA_TOLERANCE:
-                trusted[:] = False
+            for g in np.flatnonzero((pooled_z**2 > SCORE_TEST_THRESHOLD) & (np.abs(kappa_step) > POOLED_KAPPA_TOLERANCE)):
+                trusted[members[g]] = False
             good = rows[trusted]
             D[good] = res.D[trusted]
             crlb[good] = res.D_crlb_var[trusted]
@@ -695,6 +840,24 @@ def blur_gamma_for(exposure_frames: float, psf_sigma_px: float) -> float:
     return blur_gamma(exposure_frames, psf_sigma_px)
 
 
+def _replace_rows(res: MLEResult, rows: np.ndarray, part: MLEResult) -> MLEResult:
+    """``res`` with the rows ``rows`` taken from ``part`` (the result of those rows alone)."""
+    return MLEResult(*(_put_rows(getattr(res, f), rows, getattr(part, f)) for f in (
+        "D", "second", "D_crlb_var", "loglik", "iterations", "converged")))
+
+
+def _put_rows(full: np.ndarray, rows: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """A copy of ``full`` with ``part`` in rows ``rows`` (``part`` may have fewer columns: the
+    rest of those rows is NaN, as in a lone batch's narrower arrays)."""
+    out = full.copy()
+    if full.ndim == 1:
+        out[rows] = part
+    else:
+        out[rows] = np.nan
+        out[rows, : part.shape[1]] = part
+    return out
+
+
 def _take_series(series: DisplacementSeries, rows: np.ndarray) -> DisplacementSeries:
     n = series.n[rows]
     width = int(n.max()) if n.size else 0
@@ -704,8 +867,8 @@ def _take_series(series: DisplacementSeries, rows: np.ndarray) -> DisplacementSe
     )
 
 
-def _scale_series(series: DisplacementSeries, kappa: float) -> DisplacementSeries:
-    """The series with every reported variance times kappa."""
+def _scale_series(series: DisplacementSeries, kappa: float | np.ndarray) -> DisplacementSeries:
+    """The series with every reported variance times kappa (a number, or (m, 1) per track)."""
     return DisplacementSeries(
         series.dx, series.dy, series.gap, series.s_start * kappa, series.s_end * kappa, series.n,
         series.frame_start, series.frame_end,
@@ -721,11 +884,13 @@ def _with_variances(series: DisplacementSeries, point_var: np.ndarray) -> Displa
 
 
 def _fit_known(
-    series: DisplacementSeries, blur: float, exposure_frames: float, psf_sigma_px: float, start: np.ndarray
+    series: DisplacementSeries, blur: float, exposure_frames: float, psf_sigma_px: float, start: np.ndarray,
+    members: Sequence[np.ndarray] | None = None,
 ) -> tuple[MLEResult, np.ndarray]:
     """Known-sigma MLE with calibrated variances; returns the result and the per-point variances
     (m, n + 1) used (reported, plus the photon-independent blur term at the estimate; the linear
-    blur factor is inside the model)."""
+    blur factor is inside the model). ``members``: (m,) masks of the groups of rows (see
+    :func:`estimate_batch`); a group is refitted when any of its rows moved, as a lone batch is."""
     from scopestream.plugins._loc_calibration import added_variance_px2
 
     gamma = blur_gamma_for(exposure_frames, psf_sigma_px)
@@ -735,17 +900,22 @@ def _fit_known(
     last = np.clip(series.n - 1, 0, None)
     if n:
         point[np.arange(m), last + 1] = series.s_end[np.arange(m), last]
-    d0 = start
-    res = None
-    for _ in range(2):
-        extra = added_variance_px2(d0, exposure_frames, psf_sigma_px)[:, None]
-        res = fit_mle(build_model(_with_variances(series, point + extra), blur, "known", gamma), d0)
-        small = np.abs(added_variance_px2(res.D, exposure_frames, psf_sigma_px) - extra[:, 0]) <= 0.05 * np.nanmin(
-            np.where(np.isfinite(point), point, np.inf), axis=1
-        )
-        if small.all():
-            break
-        d0 = res.D
-    assert res is not None
+    if members is None:
+        members = [np.ones(m, dtype=bool)]
+    extra = added_variance_px2(start, exposure_frames, psf_sigma_px)[:, None]
+    res = fit_mle(build_model(_with_variances(series, point + extra), blur, "known", gamma), start)
+    small = np.abs(added_variance_px2(res.D, exposure_frames, psf_sigma_px) - extra[:, 0]) <= 0.05 * np.nanmin(
+        np.where(np.isfinite(point), point, np.inf), axis=1
+    )
+    redo = np.zeros(m, dtype=bool)
+    for member in members:
+        if not small[member].all():
+            redo |= member
+    if redo.any():
+        r = np.flatnonzero(redo)
+        sub = _take_series(series, r)
+        d0 = res.D[r]
+        extra_r = added_variance_px2(d0, exposure_frames, psf_sigma_px)[:, None]
+        res = _replace_rows(res, r, fit_mle(build_model(_with_variances(sub, point[r, : sub.dx.shape[1] + 1] + extra_r), blur, "known", gamma), d0))
     used = (point + added_variance_px2(res.D, exposure_frames, psf_sigma_px)[:, None]) * (1.0 + gamma * np.nan_to_num(res.D)[:, None])
     return res, used

@@ -38,10 +38,13 @@ travel as arrays.
 Change points (``change_points``, default on): a causal segmentation of every track by Bayesian
 online change-point detection on the displacements (:mod:`scopestream.plugins._changepoints`).
 When a change is declared, topic ``diffusion_change`` carries the particle, the frame of the
-change and the segments before and after it; every segment that ends (by a change or with its
-track) is published on ``diffusion_segments`` (``analyze``: ``segments.csv``) with D, its error,
+change, the frame it was declared in and the segments before and after it; every segment that
+ends (by a change or with its track) is published on ``diffusion_segments`` (``analyze``: ``segments.csv``) with D, its error,
 the anomalous exponent alpha and the regime (``immobile, confined, free, directed``, the AnDi 2
-states).
+states). The segments are estimated in batches: every ``segment_batch_frames`` frames, all the
+segments closed since, in one vectorized pass in which each frame's segments keep their own
+pooled calibration check (the rows equal per-frame estimation to rounding); the messages go out
+then.
 
 Units: D in um^2/s (``optics.pixel_size_nm``, ``acquisition.frame_interval_ms``), sigma_loc in
 nm. A span with fewer than ``min_steps`` displacements has no estimate (no row). The estimator
@@ -76,6 +79,7 @@ from scopestream.plugins._diffusion_mle import (
     blur_coefficient,
     displacement_series,
     estimate_batch,
+    warm_up_kernel,
 )
 
 __all__ = [
@@ -140,6 +144,13 @@ class DiffusionSettings(BaseModel):
     immobile_D_um2_per_s: float = Field(
         0.001, ge=0, le=1e3, description="A segment with D below this is immobile whatever its error, um^2/s."
     )
+    segment_batch_frames: int = Field(
+        10, ge=1, le=10_000,
+        description=(
+            "Change points and ended segments are estimated together (one vectorized pass; each frame's own pooled "
+            "check as before) every this many frames, and published then; 1: on the frame they occur."
+        ),
+    )
 
 
 class DiffusionBody(BaseModel):
@@ -159,35 +170,35 @@ class DiffusionBody(BaseModel):
 
 
 class DiffusionChangeBody(BaseModel):
-    """Body of a ``diffusion_change`` event: the change points declared in one frame, one per row
-    of the arrays ``particle, frame_change, before_frame_start, after_n_steps, before_n_steps``
-    (int64), ``before_D_um2_per_s, before_D_err_um2_per_s, before_alpha, after_D_um2_per_s,
+    """Body of a ``diffusion_change`` event: the change points declared since the last one (every
+    ``diffusion.segment_batch_frames`` frames), one per row of the arrays ``particle, frame_change,
+    frame_declared, before_frame_start, after_n_steps, before_n_steps`` (int64), ``before_D_um2_per_s, before_D_err_um2_per_s, before_alpha, after_D_um2_per_s,
     after_D_err_um2_per_s`` (float64, NaN where undefined), ``before_regime, after_regime``
     (uint8 codes into ``labels``)."""
 
     model_config = ConfigDict(frozen=True)
 
-    frame_seq: int = Field(description="The frame in which the changes were declared (the delay is frame_seq - frame_change).")
+    frame_seq: int = Field(description="The frame at which this batch of changes was estimated and published (each row's delay is frame_declared - frame_change).")
     count: int = Field(description="Number of change points (length of every array).")
     labels: dict[str, list[str]] = Field(description="Category names of 'before_regime' and 'after_regime': immobile, confined, free, directed.")
 
 
 class DiffusionSegmentsBody(BaseModel):
-    """Body of a ``diffusion_segments`` event: segments that ended in one frame (by a change point,
-    or with their track), one per row of the arrays ``particle, frame_start, frame_end, n_steps``
+    """Body of a ``diffusion_segments`` event: segments that ended (by a change point, or with their
+    track) since the last one (every ``diffusion.segment_batch_frames`` frames), one per row of the arrays ``particle, frame_start, frame_end, n_steps``
     (int64), ``D_um2_per_s, D_err_um2_per_s, alpha`` (float64, NaN where undefined) and
     ``regime`` (uint8 code into ``labels``)."""
 
     model_config = ConfigDict(frozen=True)
 
-    frame_seq: int = Field(description="The frame in which the segments ended.")
+    frame_seq: int = Field(description="The frame at which this batch of segments was estimated and published.")
     count: int = Field(description="Number of segments (length of every array).")
     labels: dict[str, list[str]] = Field(description="Category names of 'regime': immobile, confined, free, directed (AnDi 2; Stat, RCir, RanW, Flow).")
 
 
 @dataclass(frozen=True)
 class ChangeEstimates:
-    """Change points declared and segments ended in one frame (arrays, as on the wire)."""
+    """Change points declared and segments ended since the last batch (arrays, as on the wire)."""
 
     changes: dict[str, np.ndarray]
     segments: dict[str, np.ndarray]
@@ -298,6 +309,21 @@ def msd_optimal_fit(
     return d, sigma2, p
 
 
+@dataclass(frozen=True)
+class _SegmentInput:
+    """Segments of some tracks awaiting their estimate: (m,) ids, first / last frame, warm-start
+    D; (m, L) padded frames, x, y, sigma from the ring when the segments closed."""
+
+    ids: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+    frames: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    sig: np.ndarray
+    warm_D: np.ndarray
+
+
 class DiffusionEstimator:
     """Per-track diffusion state and estimates, fed one :class:`TrackUpdate` per frame.
 
@@ -335,6 +361,8 @@ class DiffusionEstimator:
             if settings.change_points else None
         )
         self._immobile_px2_per_frame = settings.immobile_D_um2_per_s / self._px2_per_frame_to_um2_per_s
+        # Segments that closed (a change, a track end) and await their batch: (before or ended, after).
+        self._pending: list[tuple[_SegmentInput, _SegmentInput | None]] = []
         self._alloc(0)
 
     def _alloc(self, n: int) -> None:
@@ -426,8 +454,6 @@ class DiffusionEstimator:
         if not finite.all():
             ids, x, y, unc = ids[finite], x[finite], y[finite], unc[finite]
         estimates: list[DiffusionEstimates] = []
-        change_parts: list[dict[str, np.ndarray]] = []
-        segment_parts: list[dict[str, np.ndarray]] = []
         slot = np.empty(0, dtype=np.intp)
         if ids.size:
             known = np.isin(ids, self.ids)
@@ -469,17 +495,10 @@ class DiffusionEstimator:
                 ev = self._changes.update(rows, disp[seen, 0] * scale, disp[seen, 1] * scale)
                 if ev.rows.size:
                     change_frame = self.disp_start[ev.rows, ev.change_step % self._ring_len]
-                    before = self._segments(ev.rows, self.seg_first[ev.rows], change_frame)
-                    after = self._segments(ev.rows, change_frame, np.full(ev.rows.size, f))
-                    change_parts.append({
-                        "particle": self.ids[ev.rows], "frame_change": change_frame,
-                        "before_frame_start": before["frame_start"], "before_n_steps": before["n_steps"],
-                        "before_D_um2_per_s": before["D_um2_per_s"], "before_D_err_um2_per_s": before["D_err_um2_per_s"],
-                        "before_alpha": before["alpha"], "before_regime": before["regime"],
-                        "after_n_steps": after["n_steps"], "after_D_um2_per_s": after["D_um2_per_s"],
-                        "after_D_err_um2_per_s": after["D_err_um2_per_s"], "after_regime": after["regime"],
-                    })
-                    segment_parts.append(before)
+                    self._pending.append((
+                        self._snapshot(ev.rows, self.seg_first[ev.rows], change_frame),
+                        self._snapshot(ev.rows, change_frame, np.full(ev.rows.size, f)),
+                    ))
                     self.seg_first[ev.rows] = change_frame
         if self.settings.rolling and slot.size and (f + 1) % self._step == 0:
             est = self._window_estimates(slot, f)
@@ -494,24 +513,24 @@ class DiffusionEstimator:
                 if len(est):
                     estimates.append(est)
                 if self._changes is not None:
-                    segment_parts.append(self._segments(slots, self.seg_first[slots], self.last_frame[slots]))
+                    self._pending.append((self._snapshot(slots, self.seg_first[slots], self.last_frame[slots]), None))
                 self._remove(slots)
         out = DiffusionEstimates.concatenate(estimates) if estimates else None
         changes = None
-        if change_parts or segment_parts:
-            changes = ChangeEstimates(_concat(change_parts), _concat([_segment_row(p) for p in segment_parts]))
+        if self._pending and (f + 1) % self.settings.segment_batch_frames == 0:
+            changes = self._flush_segments()
         return out, changes
 
     def finish(self) -> tuple[DiffusionEstimates | None, ChangeEstimates | None]:
         """Whole-track estimates and last segments of every open track (run end); clears the state."""
         if self.ids.size == 0:
-            return None, None
+            changes = self._flush_segments() if self._pending else None
+            return None, changes
         slots = np.arange(self.ids.size)
         out = self._track_estimates(slots)
-        changes = None
         if self._changes is not None:
-            seg = _segment_row(self._segments(slots, self.seg_first, self.last_frame))
-            changes = ChangeEstimates({}, seg)
+            self._pending.append((self._snapshot(slots, self.seg_first, self.last_frame), None))
+        changes = self._flush_segments() if self._pending else None
         self._alloc(0)
         if self._changes is not None:
             self._changes.reorder(np.empty(0, dtype=np.intp))
@@ -592,25 +611,72 @@ class DiffusionEstimator:
         return self._pack(slots, series.frame_start, series.frame_end, series.n, est.D, est.D_err, est.D_crlb_var,
                           est.sigma2, est.method, "rolling")
 
-    def _segments(self, slots: np.ndarray, first: np.ndarray, last: np.ndarray) -> dict[str, np.ndarray]:
-        """D, error, alpha and regime of the segments first..last of tracks ``slots``."""
+    def _snapshot(self, slots: np.ndarray, first: np.ndarray, last: np.ndarray) -> _SegmentInput:
+        """What the estimate of the segments first..last of tracks ``slots`` needs, taken now
+        (the ring moves on before the batch runs)."""
+        frames, x, y, sig = self._gather(slots, np.asarray(first), np.asarray(last))
+        return _SegmentInput(
+            self.ids[slots].copy(), np.asarray(first, dtype=np.int64).copy(), np.asarray(last, dtype=np.int64).copy(),
+            frames, x, y, sig, self.warm_D[slots].copy(),
+        )
+
+    def _flush_segments(self) -> ChangeEstimates:
+        """Estimate every pending segment in one vectorized pass and make the change and segment
+        rows, in the order the changes and track ends came. Each snapshot is its own group of
+        :func:`estimate_batch` (the batch it formed when estimated on its own frame)."""
+        pending, self._pending = self._pending, []
+        inputs = [p for pair in pending for p in pair if p is not None]
+        results = iter(self._segments(inputs))
+        change_parts: list[dict[str, np.ndarray]] = []
+        segment_parts: list[dict[str, np.ndarray]] = []
+        for _, after_in in pending:
+            before = next(results)
+            segment_parts.append(before)
+            if after_in is None:
+                continue
+            after = next(results)
+            change_parts.append({
+                "particle": before["particle"], "frame_change": before["frame_end"], "frame_declared": after["frame_end"],
+                "before_frame_start": before["frame_start"], "before_n_steps": before["n_steps"],
+                "before_D_um2_per_s": before["D_um2_per_s"], "before_D_err_um2_per_s": before["D_err_um2_per_s"],
+                "before_alpha": before["alpha"], "before_regime": before["regime"],
+                "after_n_steps": after["n_steps"], "after_D_um2_per_s": after["D_um2_per_s"],
+                "after_D_err_um2_per_s": after["D_err_um2_per_s"], "after_regime": after["regime"],
+            })
+        return ChangeEstimates(_concat(change_parts), _concat([_segment_row(p) for p in segment_parts]))
+
+    def _segments(self, inputs: Sequence[_SegmentInput]) -> list[dict[str, np.ndarray]]:
+        """D, error, alpha and regime of the segments of each input, computed as one batch."""
         s = self.settings
         method = "cve" if s.method == "msd" else s.method
-        frames, x, y, sig = self._gather(slots, np.asarray(first), np.asarray(last))
+        width = max(p.frames.shape[1] for p in inputs)
+        # Left-pad every input to the widest (no point there; displacement_series left-justifies).
+        frames = np.concatenate([np.pad(p.frames, ((0, 0), (width - p.frames.shape[1], 0)), constant_values=-1) for p in inputs])
+        x, y, sig = (
+            np.concatenate([np.pad(getattr(p, a), ((0, 0), (width - p.frames.shape[1], 0)), constant_values=np.nan) for p in inputs])
+            for a in ("x", "y", "sig")
+        )
+        sizes = [p.ids.size for p in inputs]
+        groups = np.repeat(np.arange(len(inputs)), sizes)
         series = displacement_series(frames, x, y, sig)
         est = estimate_batch(
             series, self.blur, method, exposure_frames=self.exposure_frames,  # type: ignore[arg-type]
-            psf_sigma_px=self.psf_sigma_px, min_steps=2, warm_D=self.warm_D[slots],
-            calibrate=self.settings.calibrate_uncertainties,
+            psf_sigma_px=self.psf_sigma_px, min_steps=2, warm_D=np.concatenate([p.warm_D for p in inputs]),
+            calibrate=self.settings.calibrate_uncertainties, groups=groups,
         )
         alpha, regime = segment_properties(frames, x, y, est.sigma2, est.D, est.D_err, self._immobile_px2_per_frame)
         k = self._px2_per_frame_to_um2_per_s
-        return {
-            "particle": self.ids[slots].copy(), "frame_start": np.asarray(first, dtype=np.int64).copy(),
-            "frame_end": np.asarray(last, dtype=np.int64).copy(), "n_steps": series.n.astype(np.int64),
-            "D_um2_per_s": np.maximum(est.D, 0.0) * k, "D_err_um2_per_s": est.D_err * k, "alpha": alpha,
-            "regime": regime.astype(np.uint8),
-        }
+        out: list[dict[str, np.ndarray]] = []
+        start = 0
+        for p, size in zip(inputs, sizes, strict=True):
+            sl = slice(start, start + size)
+            start += size
+            out.append({
+                "particle": p.ids, "frame_start": p.first, "frame_end": p.last, "n_steps": series.n[sl].astype(np.int64),
+                "D_um2_per_s": np.maximum(est.D[sl], 0.0) * k, "D_err_um2_per_s": est.D_err[sl] * k,
+                "alpha": alpha[sl], "regime": regime[sl].astype(np.uint8),
+            })
+        return out
 
     def _msd_estimates(
         self, msd: np.ndarray, counts: np.ndarray, n_sq: np.ndarray, n_cov: np.ndarray
@@ -685,7 +751,9 @@ class DiffusionStage:
         self._last_frame: tuple[int, float | None] | None = None
 
     def setup(self, context: RunContext) -> None:
-        """Nothing to prepare: the estimator's arrays grow with the open tracks."""
+        """Compile the likelihood kernel now (numba; from its disk cache after the first run), so
+        that the first estimate does not stall the camera path; the arrays grow with the tracks."""
+        warm_up_kernel()
 
     def process(self, frame: Frame, products: Products) -> Sequence[Emission]:
         """Add this frame's track positions; emit what completed."""

@@ -32,6 +32,11 @@ def kill_own_process(after_s: float = 0.0) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def niceness() -> int:
+    """The worker's niceness."""
+    return os.nice(0)
+
+
 def blas_threads() -> list[int]:
     """Thread counts of the BLAS libraries loaded in this worker (after a BLAS call)."""
     from threadpoolctl import threadpool_info

@@ -121,3 +121,43 @@ def test_stage_publishes_one_message_per_frame_with_arrays() -> None:
     body = [e for e in final if e.topic == "diffusion"][0]
     assert body.arrays["particle"].tolist() == [0, 2] and body.arrays["n_steps"].tolist()[0] == 29
     assert (np.asarray(labels["method"])[body.arrays["method"]] == "cve").all()
+
+
+def test_segments_batched_over_frames_equal_those_estimated_on_their_frame() -> None:
+    # Tracks whose D jumps 20x at frame 60: change points fire. Estimated every 7 frames as one
+    # batch (each frame's own group), the change and segment rows equal those estimated on the
+    # frame of the change (to rounding), in the same order; they are published on the batch's frame.
+    from scopestream.plugins.diffusion import DiffusionEstimator, DiffusionSettings
+
+    n_tracks, n_frames = 12, 140
+    slow = _simulate(12, n_tracks, n_frames, 0.02, 0.03)
+    fast = _simulate(13, n_tracks, n_frames, 0.4, 0.03)
+    pos = np.where(np.arange(n_frames)[None, :, None] < 60, slow, fast - fast[:, 60:61] + slow[:, 60:61])
+    sigma = np.full(n_tracks, 0.03)
+    out = {}
+    for batch in (1, 7):
+        est = DiffusionEstimator(DiffusionSettings(segment_batch_frames=batch), CFG)
+        rows: dict[str, list] = {"change": [], "segment": [], "frames": []}
+        for f in range(n_frames):
+            ids = np.arange(n_tracks) if f < 120 else np.arange(n_tracks - 3)
+            ended = [n_tracks - 3, n_tracks - 2, n_tracks - 1] if f == 120 else []
+            x = pos[ids, f, 0]
+            _, ch = est.update(TrackUpdate(f, ids, x, pos[ids, f, 1], [], ended, uncertainty_px=sigma[ids]))
+            if ch is not None:
+                rows["frames"].append(f)
+                if ch.changes:
+                    rows["change"].append(ch.changes)
+                if ch.segments:
+                    rows["segment"].append(ch.segments)
+        _, ch = est.finish()
+        assert ch is not None and ch.segments
+        rows["segment"].append(ch.segments)
+        out[batch] = rows
+    assert all((f + 1) % 7 == 0 for f in out[7]["frames"])
+    for kind in ("change", "segment"):
+        a = {k: np.concatenate([p[k] for p in out[1][kind]]) for k in out[1][kind][0]}
+        b = {k: np.concatenate([p[k] for p in out[7][kind]]) for k in out[7][kind][0]}
+        assert len(a["particle"]) > 0 and a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(b[k].astype(float), a[k].astype(float), rtol=1e-9, equal_nan=True)
+    assert len(np.concatenate([p["particle"] for p in out[1]["change"]])) >= n_tracks // 2  # the jump is found

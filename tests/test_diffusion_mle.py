@@ -257,3 +257,65 @@ def test_segment_regimes() -> None:
         assert np.mean(np.asarray(REGIME_LABELS)[regime] == expected) > 0.85, expected
         if expected == "free":
             assert np.median(alpha) == pytest.approx(1.0, abs=0.1)
+
+
+def test_grouped_batch_gives_each_group_what_a_separate_batch_gives() -> None:
+    # Three batches in one call: right uncertainties, uncertainties 1.5x too small (the pooled
+    # check rejects the whole group), and 8 % too small (the pooled kappa correction refits the
+    # group). Each group must come out as its own call (to rounding: only the padding width of
+    # the vectorized recursion differs), so batching the change-point segments of many frames
+    # does not change the statistics.
+    blur = _blur(1.0)
+    kw = {"exposure_frames": 1.0, "psf_sigma_px": 1.0}
+    parts = []
+    for seed, m, n_frames, factor in ((20, 40, 41, 1.0), (21, 30, 61, 1.5), (22, 200, 31, 1.08)):
+        frames, x, y = _tracks(seed, m, n_frames, 0.05, 0.15)
+        parts.append(displacement_series(frames, x, y, np.full(x.shape, 0.15 / factor)))
+    alone = [estimate_batch(p, blur, "auto", **kw) for p in parts]  # type: ignore[arg-type]
+    assert (alone[1].method == METHOD_CODE["cve"]).all()  # the pooled check rejected group 1
+    width = max(p.dx.shape[1] for p in parts)
+
+    def pad(a: np.ndarray, value: float) -> np.ndarray:
+        return np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=value)
+
+    merged = type(parts[0])(
+        *(np.concatenate([pad(getattr(p, f), v) for p in parts]) for f, v in (
+            ("dx", 0.0), ("dy", 0.0), ("gap", 0), ("s_start", np.nan), ("s_end", np.nan))),
+        *(np.concatenate([getattr(p, f) for p in parts]) for f in ("n", "frame_start", "frame_end")),
+    )
+    groups = np.repeat(np.arange(3), [p.n.size for p in parts])
+    together = estimate_batch(merged, blur, "auto", groups=groups, **kw)  # type: ignore[arg-type]
+    for g, ref in enumerate(alone):
+        sel = groups == g
+        np.testing.assert_array_equal(together.method[sel], ref.method)
+        for f in ("D", "D_err", "D_crlb_var", "sigma2"):
+            np.testing.assert_allclose(getattr(together, f)[sel], getattr(ref, f), rtol=1e-9, equal_nan=True)
+    # Merged without groups, group 1's miscalibration spreads to the others: the labels matter.
+    pooled = estimate_batch(merged, blur, "auto", **kw)  # type: ignore[arg-type]
+    assert not np.array_equal(pooled.method, together.method)
+
+
+def test_compiled_likelihood_gives_the_numpy_code_to_rounding() -> None:
+    pytest.importorskip("numba")
+    import scopestream.plugins._diffusion_mle as mle
+
+    rng = np.random.default_rng(3)
+    m, L = 7, 40
+    frames = np.tile(np.arange(L), (m, 1))
+    frames[2, 10:15] = -1
+    x, y = rng.normal(size=(m, L)).cumsum(1), rng.normal(size=(m, L)).cumsum(1)
+    series = displacement_series(frames, x, y, rng.uniform(0.1, 0.4, (m, L)))
+    for kind in ("known", "scaled", "common"):
+        model = build_model(series, 0.12, kind, 0.05)  # type: ignore[arg-type]
+        theta = rng.uniform(0.5, 1.5, (m, model.n_params))
+        assert mle._compiled_recursion() is not None
+        compiled = evaluate(model, theta)
+        saved = list(mle._KERNEL)
+        mle._KERNEL[:] = [None]  # the numpy loop
+        try:
+            reference = evaluate(model, theta)
+        finally:
+            mle._KERNEL[:] = saved
+        # Same operations in the same order; only log may differ in the last bit.
+        for a, b in zip(compiled, reference, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-13, atol=0)

@@ -155,6 +155,23 @@ def test_process_workers_run_single_threaded_blas() -> None:
     assert rec.results and rec.results[0] and set(rec.results[0]) == {1}
 
 
+def test_process_workers_run_nicer_than_the_daemon_by_the_configured_amount() -> None:
+    # The camera path must win the CPU on a busy machine: workers run offload.worker_niceness
+    # nicer than the daemon (the default config's value, and 0 = same priority).
+    from scopestream.daemon._config import OffloadConfig
+    from scopestream.daemon._offload import make_backend
+
+    own = os.nice(0)
+    for niceness in (OffloadConfig().worker_niceness, 0):
+        assert OffloadConfig().worker_niceness == 10
+        offload = Offload(make_backend(OffloadConfig(worker_niceness=niceness)))
+        rec = Recorder()
+        assert rec.submit(offload, jobs.niceness)
+        drain(offload)
+        offload.close(5)
+        assert rec.results == [min(own + niceness, 19)]
+
+
 def test_broken_process_pool_is_rebuilt_and_its_jobs_counted_lost() -> None:
     offload = Offload(ProcessBackend(1), max_in_flight_jobs=4)
     rec = Recorder()
@@ -416,3 +433,28 @@ def test_musical_image_is_published_while_the_run_is_paused(
     assert status.state.value == "paused" and status.frames_processed == processed
     daemon.stop()
     assert daemon.wait(30)
+
+
+def test_workers_outlive_the_thread_that_spawned_them() -> None:
+    # The pool spawns its workers from the thread that submits first (the stage thread, which
+    # ends with the run); a worker must die with the daemon, not with that thread, or the jobs
+    # in flight at the end of a run are lost (PR_SET_PDEATHSIG is per thread).
+    offload = Offload(ProcessBackend(1))
+    rec = Recorder()
+
+    def stage_thread() -> None:  # submits first, and ends only after the worker is up
+        assert rec.submit(offload, jobs.pid_after, 0.0)
+        deadline = time.monotonic() + 60
+        while not rec.results and time.monotonic() < deadline:
+            offload.poll()
+            time.sleep(0.01)
+
+    first = threading.Thread(target=stage_thread)
+    first.start()
+    first.join()
+    assert len(rec.results) == 1
+    assert rec.submit(offload, jobs.square_after, 3.0, 1.0)  # in flight after the thread ended
+    drain(offload)
+    offload.close(10)
+    counts = offload.counters("stage")
+    assert counts["lost"] == 0 and counts["done"] == 2 and 9.0 in rec.results
