@@ -56,9 +56,16 @@ def qt_app() -> Iterator[Any]:
         assert display, "Xvfb did not start"
         os.environ["DISPLAY"] = f":{display}"
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from napari._vispy.utils.gl import get_gl_extensions, get_max_texture_sizes
     from napari.qt import get_qapp
 
     app = get_qapp()
+    # napari asks OpenGL for its extensions when the first image layer is made (cached from then
+    # on). A hidden viewer's canvas has no current GL context until Qt has realized it, so that
+    # query can return None, raise inside the widget's redraw slot and abort the interpreter
+    # (PyQt's unhandled-exception policy), depending on timing. Asked here, before any viewer
+    # exists, napari makes a temporary canvas with a current context for it.
+    assert get_gl_extensions() and get_max_texture_sizes()[0], "no usable OpenGL context"
     yield app
 
 
