@@ -277,12 +277,20 @@ def test_a_stage_that_raises_is_counted_and_the_run_goes_on(
 def test_stalled_subscriber_does_not_slow_acquisition(
     tmp_path: Path, make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]
 ) -> None:
-    """One subscriber never reads (tiny HWMs); another reads everything. Acquisition keeps its pace,
-    the reader loses nothing, the stalled one sees the gaps it suffered. 400 x 128 KiB = 50 MiB is
-    far more than the HWMs plus the kernel's socket buffers can hold for the stalled one."""
-    stack = write_stack(tmp_path / "s.tif", 400, shape=(32, 32))
+    """One subscriber never reads (tiny receive HWM); another reads everything. Acquisition keeps
+    its pace, the reader loses nothing, the stalled one sees the gaps it suffered.
+
+    Sizes: 1000 frames at 400 fps send 2000 messages (frame_stats + a 128 KiB ``bulky``) in 2.5 s.
+    The reader's only slack against a stall of the ZeroMQ I/O thread (one per process, shared by
+    the daemon and both subscribers) is the send HWM: 200 messages = 0.25 s of stream, enough for
+    a busy 2-core machine (20 messages, 25 ms, was not). The stalled one can hold at most send HWM
+    + its receive HWM + the kernel's loopback buffers (tcp_rmem max 32 MiB + tcp_wmem max 4 MiB
+    here, 6 + 4 MiB by default): (200 + 10) x 128 KiB + 36 MiB = 62 MiB, less than the 125 MiB of
+    ``bulky`` sent, so it must lose at least half of them."""
+    n_frames = 1000
+    stack = write_stack(tmp_path / "s.tif", n_frames, shape=(32, 32))
     config = make_config("source.kind=file", f"source.file_path={tmp_path / 's.tif'}", "source.replay_fps=400",
-                         "stages=[frame_stats, bulky_test]", "events.send_hwm_messages=20", "events.wait_for_subscriber_s=10")
+                         "stages=[frame_stats, bulky_test]", "events.send_hwm_messages=200", "events.wait_for_subscriber_s=10")
     daemon = Daemon(config)
     daemons.append(daemon)
     assert daemon.events_endpoint is not None
@@ -293,8 +301,8 @@ def test_stalled_subscriber_does_not_slow_acquisition(
     msgs = drain(reader)
     elapsed = time.monotonic() - t0
     stop = msgs[-1].body
-    assert stop["frames_received"] == 400 == stop["frames_processed"] + stop["frames_dropped"]
-    assert elapsed < 400 / 400 + 1.5, f"acquisition slowed down: {elapsed:.2f} s for 1 s of frames"
+    assert stop["frames_received"] == n_frames == stop["frames_processed"] + stop["frames_dropped"]
+    assert elapsed < n_frames / 400 + 1.5, f"acquisition slowed down: {elapsed:.2f} s for {n_frames / 400} s of frames"
     stats = [m for m in msgs if m.topic == "frame_stats"]
     assert len(stats) == stop["frames_processed"] and reader.gaps == {}
     np.testing.assert_allclose([m.body["mean_adu"] for m in stats[:5]], stack[:5].mean(axis=(1, 2)))
