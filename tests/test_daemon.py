@@ -391,3 +391,22 @@ def test_a_run_ended_by_a_signal_reports_aborted(
     assert daemon.status().exit_status == "aborted"
     with pytest.raises(ValueError, match="exit_status"):
         daemon.stop("?", "maybe")  # type: ignore[arg-type]
+
+
+def test_a_start_that_fails_closes_the_daemon(
+    tmp_path: Path, make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]
+) -> None:
+    """run_until_stopped (the CLI's `run`) with a configuration that does not load: the error
+    propagates and no daemon thread is left behind (left running at interpreter exit, one aborted
+    the CLI with "FATAL: exception not rethrown" instead of exit status 2)."""
+    from scopestream.daemon._errors import InputError
+
+    cfg = tmp_path / "bad.cfg"
+    cfg.write_text("Device,Camera,NoSuchAdapterLibrary,DCam\nProperty,Core,Initialize,1\n")
+    before = set(threading.enumerate())
+    daemon = Daemon(make_config(f"source.mm_config={cfg}", "stages=[frame_stats]"))
+    daemons.append(daemon)
+    with pytest.raises(InputError, match="cannot load Micro-Manager configuration"):
+        daemon.run_until_stopped()
+    left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert left == [], f"threads left running after a failed start: {left}"
