@@ -170,7 +170,7 @@ def _offloaded_sum(values: np.ndarray, gate: threading.Event | None) -> float:
 class _Slow:
     """Takes at least 5 ms a frame: a consumer slower than a 1000 fps source, whatever the load."""
 
-    name = "slow_test"
+    name = "sleepy_test"
 
     def setup(self, context: RunContext) -> None:
         pass
@@ -213,7 +213,7 @@ register_stage_plugin(StagePlugin("recorder_test", _Settings, _Recorder, topics=
 register_stage_plugin(StagePlugin("bad_setup_test", _Settings, lambda c, s: _BadSetup()))
 register_stage_plugin(StagePlugin("garbage_test", _Settings, lambda c, s: _Garbage(), topics={"level": _Level}))
 register_stage_plugin(StagePlugin("wants_test", _Settings, lambda c, s: _Wants(), consumes=(MotionStates,)))
-register_stage_plugin(StagePlugin("slow_test", _Settings, lambda c, s: _Slow()))
+register_stage_plugin(StagePlugin("sleepy_test", _Settings, lambda c, s: _Slow()))
 register_stage_plugin(StagePlugin("offloader_test", _Settings, lambda c, s: _Offloader(), topics={"level": _Level}))
 
 
@@ -516,7 +516,7 @@ def test_dropped_frames_events_come_at_most_ten_a_second(
     keep up for most of the replay and leave fewer than 10 events.)"""
     write_stack(tmp_path / "s.tif", 1500, shape=(8, 8))
     config = make_config("source.kind=file", f"source.file_path={tmp_path / 's.tif'}", "source.replay_fps=1000",
-                         "bus.capacity_frames=1", "stages=[slow_test]", "events.wait_for_subscriber_s=10")
+                         "bus.capacity_frames=1", "stages=[sleepy_test]", "events.wait_for_subscriber_s=10")
     daemon = Daemon(config)
     daemons.append(daemon)
     sub = start_with_subscriber(daemon, ["dropped_frames", "run_stop"])
