@@ -658,6 +658,10 @@ class RuleEngine:
     def evaluate(self, topic: str, body: BaseModel, arrays: Mapping[str, np.ndarray], now: float | None = None) -> list[RuleFiring]:
         """The firings this event causes, in order (stop first). Updates cooldowns and counts."""
         now = time.monotonic() if now is None else now
+        # When the rules matched, on the wall clock, read with the cooldown's clock: firings are
+        # then at least cooldown_s apart in t_matched too (a later read per rule added the
+        # varying time spent matching, so two t_matched could be closer than the cooldown).
+        t_matched = time.time()
         n_rows = 0
         for column in ROW_COLUMNS.get(topic, ()):
             if column in arrays:
@@ -685,7 +689,6 @@ class RuleEngine:
                 continue
             st.firings += 1
             st.last_fired = now
-            t_matched = time.time()
             row = _pick(rule, ev, rows) if rows is not None and rows.size else None
             try:
                 params = {name: self._param(st, v, ev, row) for name, v in rule.do.params().items()}

@@ -182,8 +182,16 @@ class Daemon:
         self.metrics.close()
 
     def run_until_stopped(self, poll_s: float = 0.2) -> RunStopBody | None:
-        """Start, block until the run ends (stop command, signal, end of source), close."""
-        self.start()
+        """Start, block until the run ends (stop command, signal, end of source), close.
+
+        A start that fails (a configuration that does not load, a stage that cannot set up)
+        closes the daemon before the error propagates: its threads must not outlive the caller
+        (left running at interpreter exit they abort the process: "exception not rethrown")."""
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
         while not self.runner.wait(poll_s):
             time.sleep(0)
         return self.close()

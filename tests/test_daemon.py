@@ -53,6 +53,17 @@ def start_with_subscriber(daemon: Daemon, topics: Sequence[str] = ()) -> Subscri
     return sub
 
 
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> bool:
+    """Poll ``condition`` until it holds or ``timeout_s`` passes (a loaded machine can take
+    seconds for what takes milliseconds on an idle one); whether it finally held."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def drain(sub: Subscriber, until_topic: str = "run_stop", timeout_s: float = 20) -> list[Any]:
     msgs = []
     deadline = time.monotonic() + timeout_s
@@ -72,10 +83,17 @@ def test_democamera_end_to_end(make_config: Callable[..., ScopestreamConfig], da
     daemon = Daemon(config)
     daemons.append(daemon)
     sub = start_with_subscriber(daemon)
-    time.sleep(1.5)
+    # Run until more than 50 frames were processed (~0.3 s at 5 ms a frame on an idle machine;
+    # on a loaded one the camera's start-up alone can take seconds, so wait on the count, not
+    # on the clock), then stop and read the rest.
+    msgs = []
+    deadline = time.monotonic() + 60
+    while sum(m.topic == "frame_stats" for m in msgs) <= 50 and time.monotonic() < deadline:
+        if (m := sub.recv(0.5)) is not None:
+            msgs.append(m)
     daemon.stop()
     assert daemon.wait(20)
-    msgs = drain(sub)
+    msgs += drain(sub)
     assert daemon.metrics_port is not None
     metrics = scrape(daemon.metrics_port)
     sub.close()
@@ -88,7 +106,7 @@ def test_democamera_end_to_end(make_config: Callable[..., ScopestreamConfig], da
     assert sub.gaps == {}
     stop = msgs[-1].body
     assert stop["frames_received"] == stop["frames_processed"] + stop["frames_dropped"]
-    # 5 ms exposure for ~1.5 s: the DemoCamera delivers frames; each processed frame gives one frame_stats.
+    # 5 ms exposure, run until 50 frames were processed: each processed frame gives one frame_stats.
     assert stop["frames_processed"] > 50
     assert len(stats) == stop["frames_processed"]
     assert {m.header.run_id for m in msgs} == {daemon.run_id}
@@ -259,12 +277,20 @@ def test_a_stage_that_raises_is_counted_and_the_run_goes_on(
 def test_stalled_subscriber_does_not_slow_acquisition(
     tmp_path: Path, make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]
 ) -> None:
-    """One subscriber never reads (tiny HWMs); another reads everything. Acquisition keeps its pace,
-    the reader loses nothing, the stalled one sees the gaps it suffered. 400 x 128 KiB = 50 MiB is
-    far more than the HWMs plus the kernel's socket buffers can hold for the stalled one."""
-    stack = write_stack(tmp_path / "s.tif", 400, shape=(32, 32))
+    """One subscriber never reads (tiny receive HWM); another reads everything. Acquisition keeps
+    its pace, the reader loses nothing, the stalled one sees the gaps it suffered.
+
+    Sizes: 1000 frames at 400 fps send 2000 messages (frame_stats + a 128 KiB ``bulky``) in 2.5 s.
+    The reader's only slack against a stall of the ZeroMQ I/O thread (one per process, shared by
+    the daemon and both subscribers) is the send HWM: 200 messages = 0.25 s of stream, enough for
+    a busy 2-core machine (20 messages, 25 ms, was not). The stalled one can hold at most send HWM
+    + its receive HWM + the kernel's loopback buffers (tcp_rmem max 32 MiB + tcp_wmem max 4 MiB
+    here, 6 + 4 MiB by default): (200 + 10) x 128 KiB + 36 MiB = 62 MiB, less than the 125 MiB of
+    ``bulky`` sent, so it must lose at least half of them."""
+    n_frames = 1000
+    stack = write_stack(tmp_path / "s.tif", n_frames, shape=(32, 32))
     config = make_config("source.kind=file", f"source.file_path={tmp_path / 's.tif'}", "source.replay_fps=400",
-                         "stages=[frame_stats, bulky_test]", "events.send_hwm_messages=20", "events.wait_for_subscriber_s=10")
+                         "stages=[frame_stats, bulky_test]", "events.send_hwm_messages=200", "events.wait_for_subscriber_s=10")
     daemon = Daemon(config)
     daemons.append(daemon)
     assert daemon.events_endpoint is not None
@@ -275,8 +301,8 @@ def test_stalled_subscriber_does_not_slow_acquisition(
     msgs = drain(reader)
     elapsed = time.monotonic() - t0
     stop = msgs[-1].body
-    assert stop["frames_received"] == 400 == stop["frames_processed"] + stop["frames_dropped"]
-    assert elapsed < 400 / 400 + 1.5, f"acquisition slowed down: {elapsed:.2f} s for 1 s of frames"
+    assert stop["frames_received"] == n_frames == stop["frames_processed"] + stop["frames_dropped"]
+    assert elapsed < n_frames / 400 + 1.5, f"acquisition slowed down: {elapsed:.2f} s for {n_frames / 400} s of frames"
     stats = [m for m in msgs if m.topic == "frame_stats"]
     assert len(stats) == stop["frames_processed"] and reader.gaps == {}
     np.testing.assert_allclose([m.body["mean_adu"] for m in stats[:5]], stack[:5].mean(axis=(1, 2)))
@@ -325,8 +351,7 @@ def test_control_channel_survives_bad_requests(make_config: Callable[..., Scopes
         time.sleep(0.5)
         assert ctl.status()["frames_received"] == n_paused, "no frames while paused"
         assert ctl.request("resume")["state"] == "running"
-        time.sleep(0.5)
-        assert ctl.status()["frames_received"] > n_paused
+        assert wait_for(lambda: ctl.status()["frames_received"] > n_paused), "frames must come again after resume"
         assert ctl.request("stop")["ok"]
     assert daemon.wait(20)
     stop = daemon.runner.run_stop
@@ -355,7 +380,7 @@ def test_a_run_ended_by_a_signal_reports_aborted(
     daemon = Daemon(config)
     daemons.append(daemon)
     sub = start_with_subscriber(daemon, ["run_stop"])
-    time.sleep(0.3)
+    assert wait_for(lambda: daemon.status().frames_received > 0), "the replay never started"
     daemon.stop("SIGTERM received", "aborted")
     daemon.stop("daemon closed")  # e.g. close() after the signal: the outcome stays aborted
     msgs = drain(sub)
@@ -366,3 +391,22 @@ def test_a_run_ended_by_a_signal_reports_aborted(
     assert daemon.status().exit_status == "aborted"
     with pytest.raises(ValueError, match="exit_status"):
         daemon.stop("?", "maybe")  # type: ignore[arg-type]
+
+
+def test_a_start_that_fails_closes_the_daemon(
+    tmp_path: Path, make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]
+) -> None:
+    """run_until_stopped (the CLI's `run`) with a configuration that does not load: the error
+    propagates and no daemon thread is left behind (left running at interpreter exit, one aborted
+    the CLI with "FATAL: exception not rethrown" instead of exit status 2)."""
+    from scopestream.daemon._errors import InputError
+
+    cfg = tmp_path / "bad.cfg"
+    cfg.write_text("Device,Camera,NoSuchAdapterLibrary,DCam\nProperty,Core,Initialize,1\n")
+    before = set(threading.enumerate())
+    daemon = Daemon(make_config(f"source.mm_config={cfg}", "stages=[frame_stats]"))
+    daemons.append(daemon)
+    with pytest.raises(InputError, match="cannot load Micro-Manager configuration"):
+        daemon.run_until_stopped()
+    left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert left == [], f"threads left running after a failed start: {left}"

@@ -159,7 +159,9 @@ def test_rules_run_in_the_daemon_and_publish_their_actions(
     assert len(ticks) == 5  # max_firings, although every frame matches
     assert all(a["origin"] == "rule" and a["ok"] and a["trigger_topic"] == "frame_stats" for a in ticks)
     t_matched = np.array([a["t_matched"] for a in ticks])
-    assert np.all(np.diff(t_matched) >= 0.05)  # cooldown
+    # Cooldown: enforced on the monotonic clock, t_matched read on the wall clock at the same
+    # point; the two clocks' rates differ at most by the kernel's 500 ppm slew limit.
+    assert np.all(np.diff(t_matched) >= 0.05 * (1 - 500e-6))
     assert np.all(np.diff([a["trigger_seq"] for a in ticks]) >= 10)  # 50 ms at 5 ms per frame
     assert len(stops) == 1 and stops[0]["ok"] and stops[0]["trigger_frame_seq"] >= 60
     assert all(a["acquired_to_called_ms"] is not None and a["acquired_to_called_ms"] >= 0 for a in ticks)

@@ -22,7 +22,7 @@ def test_mypy_is_clean(tmp_path: Path) -> None:
         out, err, status = api.run([
             "--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(tmp_path / ".mypy_cache"),
             "-p", "scopestream.daemon", "-p", "scopestream.plugins", "-p", "scopestream.sim_camera",
-            "-p", "scopestream.models", "-m", "scopestream", "-m", "scopestream.client",
+            "-p", "scopestream.models", "-p", "scopestream.viewer", "-m", "scopestream", "-m", "scopestream.client",
         ])
     finally:
         if old is None:

@@ -56,9 +56,33 @@ def qt_app() -> Iterator[Any]:
         assert display, "Xvfb did not start"
         os.environ["DISPLAY"] = f":{display}"
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from napari._vispy.utils.gl import get_gl_extensions, get_max_texture_sizes
     from napari.qt import get_qapp
+    from vispy.app import Canvas
+    from vispy.gloo import gl
 
     app = get_qapp()
+    # napari asks OpenGL for its extensions when the first image layer is made, and caches the
+    # answer. A hidden viewer's canvas has no current GL context until Qt has realized it, so the
+    # query can return None, raise inside the widget's redraw slot and abort the interpreter
+    # (PyQt's unhandled-exception policy). Ask once here, before any viewer exists, on a canvas
+    # of our own made current (a fresh context under Xvfb is sometimes not usable at once on a
+    # loaded machine: let Qt run, retry on a new canvas, up to a generous deadline).
+    deadline = time.monotonic() + 30
+    while True:
+        canvas = Canvas(show=False)
+        try:
+            canvas.set_current()
+            app.processEvents()
+            if gl.glGetParameter(gl.GL_EXTENSIONS):
+                assert get_gl_extensions() and get_max_texture_sizes()[0]
+                break
+        except AttributeError:  # vispy decodes the None that glGetString gives without a context
+            pass
+        finally:
+            canvas.close()
+        assert time.monotonic() < deadline, "no usable OpenGL context within 30 s"
+        time.sleep(0.1)
     yield app
 
 
@@ -189,20 +213,32 @@ def test_live_widget_on_a_running_daemon(
     assert checked >= 3
 
     # A MUSICAL window sits at its region: its brightest sub-pixel, in camera coordinates
-    # (napari's data_to_world with the layer's scale and translate), is within 1 px of the mean
-    # truth position of a particle over the window (D = 0.005 µm²/s: ~0.4 px of wander in 30 frames).
+    # (napari's data_to_world with the layer's scale and translate), lies on the path a particle
+    # took during the window. Bound: D = 0.005 µm²/s, 100 nm px, 10 ms frames: 0.14 px rms step
+    # (2D) a frame, so a path point is within ~0.07 px of a frame's truth position; the sub-pixel
+    # grid (1/4 px) puts the peak within 0.18 px of its true place; MUSICAL's ridge lies within
+    # ~0.15 px of the path (test_musical measures 0.10-0.14 px); the spot moves ~0.1 px during
+    # an exposure: 0.5 px in all, 0.75 px allowed. (The mean position over the window is no
+    # ground truth for the peak: over 30 frames the walk wanders ~0.55 px rms per axis from it.)
+    # The stream goes on meanwhile: take the window the layer shows now (a newer window of the
+    # same track can already be in the state, its region moved by a pixel, before the next redraw).
     name = next(ly.name for ly in layers if ly.name.startswith("MUSICAL track"))
-    window = next(w for w in widget.state.snapshot().musical or [] if "MUSICAL " + w.key == name)
+
+    def shown_window() -> Any:
+        state = widget.state
+        assert state is not None
+        return next((w for w in state.snapshot().musical or []
+                     if "MUSICAL " + w.key == name and np.array_equal(w.image, layers[name].data)), None)
+
+    spin(qt_app, lambda: shown_window() is not None, 10, "the MUSICAL layer to show a window of the state")
+    window = shown_window()
+    assert tuple(layers[name].translate) == window.translate and tuple(layers[name].scale) == window.scale
     peak = np.unravel_index(np.argmax(window.image), window.image.shape)
     wy, wx = layers[name].data_to_world(peak)
-    means = []
-    for f in range(window.frame_start, window.frame_end + 1):
-        if f in TruthTap.frames:
-            means.append(TruthTap.frames[f][1])
-    truth_all = np.concatenate(means)
-    centres = [(truth_all["x"][truth_all["particle"] == p].mean(), truth_all["y"][truth_all["particle"] == p].mean())
-               for p in np.unique(truth_all["particle"])]
-    assert min(np.hypot(cx - wx, cy - wy) for cx, cy in centres) < 1.0
+    path = np.concatenate([TruthTap.frames[f][1] for f in range(window.frame_start, window.frame_end + 1)
+                           if f in TruthTap.frames])
+    d_path = float(np.hypot(path["x"] - wx, path["y"] - wy).min())
+    assert d_path < 0.75, f"the MUSICAL peak is {d_path:.2f} px from every particle's path in its window"
 
     # The widget keeps up: over 1 s nothing is lost (no seq gaps), the newest event it folded in
     # was published less than 1 s before, and at most one redraw is ever queued.
