@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_config)
 
     for module, adder in (("scopestream.sim_camera.cli", "add_simulate_command"),
-                          ("scopestream.plugins.musical_cli", "add_musical_command")):
+                          ("scopestream.plugins.musical_cli", "add_musical_command"),
+                          ("scopestream.models.motion.cli", "add_train_command")):
         try:
             mod = __import__(module, fromlist=[adder])
         except ImportError as exc:

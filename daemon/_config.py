@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from scopestream.daemon._stage import StagePlugin, check_products, installed_stage_plugins
 
-DEFAULT_STAGES: tuple[str, ...] = ("frame_stats", "localize", "track", "diffusion", "musical")
+DEFAULT_STAGES: tuple[str, ...] = ("frame_stats", "localize", "track", "diffusion", "musical", "motion")
 
 
 class ConfigError(ValueError):
