@@ -48,7 +48,6 @@ from scopestream.daemon._config import ScopestreamConfig
 from scopestream.daemon._frames import Frame
 from scopestream.daemon._products import (
     MOTION_STATES,
-    MotionStates,
     Products,
     TrackUpdate,
     TrackWindow,
@@ -490,17 +489,6 @@ class MotionStage:
                 })
                 emissions.append(Emission("motion_change", change, frame_seq=end, t_acquired=t_acquired))
         return emissions
-
-
-def motion_states_of(bodies: Sequence[MotionStateBody]) -> MotionStates:
-    """The :class:`MotionStates` product of some ``motion_state`` bodies (for later consumers)."""
-    return MotionStates(
-        particle=np.array([b.particle for b in bodies], dtype=np.int64),
-        frame_start=np.array([b.frame_start for b in bodies], dtype=np.int64),
-        frame_end=np.array([b.frame_end for b in bodies], dtype=np.int64),
-        probabilities=np.array([[getattr(b, f"p_{s}") for s in MOTION_STATES] for b in bodies], dtype=np.float64).reshape(-1, 5),
-        model_version=bodies[0].model_version if bodies else "",
-    )
 
 
 PLUGIN = StagePlugin(

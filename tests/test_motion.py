@@ -338,3 +338,16 @@ def test_a_config_without_motion_imports_no_inference_runtime() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--models", "sran", "--ship", "fused"], "--ship 'fused' is not among"),
+    (["--models", "resnet"], "unknown model"),
+    (["--k-frames", "200", "30"], "--k-frames"),
+])
+def test_train_cli_bad_input_exits_2_with_one_paragraph(tmp_path: Path, args: list[str], message: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "scopestream.daemon._cli", "train", "motion", "--out", str(tmp_path), *args],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr

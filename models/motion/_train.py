@@ -137,7 +137,8 @@ def train_one(name: str, train: Dataset, val: Dataset, settings: TrainSettings,
 
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    model = create_model(name, n_features=len(FEATURE_NAMES), channels=settings.channels, hidden=settings.hidden)
+    model = create_model(name, n_features=len(FEATURE_NAMES), channels=settings.channels, hidden=settings.hidden,
+                         subpixels=settings.spec.subpixels)
     encoder = getattr(model, "encoder", None)
     if encoder is not None:
         feats = torch.from_numpy(train.features)
@@ -300,7 +301,8 @@ def export_model_folder(model: Any, name: str, settings: TrainSettings, folder: 
         name=MODEL_NAME, version=MODEL_VERSION,
         task="motion state of a vesicle track window: Stat / RanW / RCir / Circ / Flow (Sekh et al.)",
         architecture=name,
-        architecture_config={"n_features": n_feat, "channels": settings.channels, "hidden": settings.hidden},
+        architecture_config={"n_features": n_feat, "channels": settings.channels, "hidden": settings.hidden,
+                             "subpixels": settings.spec.subpixels},
         inputs=[TensorSpec(name="image", shape=[-1, 1, side, side]), TensorSpec(name="features", shape=[-1, n_feat])],
         outputs=[TensorSpec(name="probabilities", shape=[-1, len(MOTION_STATES)])],
         classes=list(MOTION_STATES), input_spec=settings.spec.to_dict(), feature_names=list(FEATURE_NAMES),

@@ -39,6 +39,7 @@ def add_train_command(subparsers: Any) -> None:
     m.add_argument("--models", nargs="+", default=["sran", "track_mlp", "fused"], help="models to train and compare")
     m.add_argument("--ship", default="fused", help="model exported as the model folder (default fused)")
     m.add_argument("--channels", type=int, default=8, help="feature maps of the image branch (default 8)")
+    m.add_argument("--subpixels", type=int, default=4, help="MUSICAL sub-pixels per pixel of the image input (default 4)")
     m.add_argument("--cache", type=Path, default=None, help="folder caching simulated sets (outside the repository)")
     m.add_argument("--workers", type=int, default=1, help="processes simulating data (default 1)")
     m.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -53,17 +54,9 @@ def _no_network(parser: argparse.ArgumentParser) -> int:
 
 
 def _cmd_train_motion(args: argparse.Namespace) -> int:
-    try:
-        import matplotlib  # noqa: F401
-        import torch  # noqa: F401
-        import tqdm  # noqa: F401
-    except ImportError as exc:
-        raise InputError(f"`scopestream train` needs the train extra ({exc.name} is missing): pip install 'scopestream[train]'") from None
-    from scopestream.models.motion._train import TrainSettings, train_motion
-
     for name, value, low in (("--samples-per-class", args.movies_per_state, 1), ("--test-samples-per-class", args.test_movies_per_state, 1),
                              ("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 1),
-                             ("--threads", args.threads, 1), ("--channels", args.channels, 1)):
+                             ("--threads", args.threads, 1), ("--channels", args.channels, 1), ("--subpixels", args.subpixels, 1)):
         if value < low:
             raise InputError(f"{name} must be at least {low}, got {value}")
     k_long, k_short = args.k_frames
@@ -76,6 +69,15 @@ def _cmd_train_motion(args: argparse.Namespace) -> int:
         raise InputError(f"unknown model(s) {unknown}; models are {list_models()}")
     if args.ship not in args.models:
         raise InputError(f"--ship {args.ship!r} is not among --models {args.models}")
+    try:
+        import matplotlib  # noqa: F401
+        import torch  # noqa: F401
+        import tqdm  # noqa: F401
+    except ImportError as exc:
+        raise InputError(f"`scopestream train` needs the train extra ({exc.name} is missing): pip install 'scopestream[train]'") from None
+    from scopestream.models.motion._inputs import InputSpec
+    from scopestream.models.motion._train import TrainSettings, train_motion
+
     command = "scopestream " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["train"] else \
         f"scopestream train motion --out {args.out} --seed {args.seed} --samples-per-class {args.movies_per_state}"
     settings = TrainSettings(
@@ -83,7 +85,7 @@ def _cmd_train_motion(args: argparse.Namespace) -> int:
         test_movies_per_state=args.test_movies_per_state, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, k_frames=(k_long, k_short), models=tuple(args.models), ship=args.ship, channels=args.channels,
         cache_dir=args.cache, workers=args.workers, threads=args.threads, progress=not args.no_progress,
-        command=command,
+        command=command, spec=InputSpec(subpixels=args.subpixels),
     )
     train_motion(settings)
     return 0

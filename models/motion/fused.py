@@ -19,9 +19,9 @@ __all__ = ["Fused", "fused"]
 class Fused(nn.Module):
     """SRAN features and track-feature embedding -> a small classifier."""
 
-    def __init__(self, n_features: int, channels: int = 16, hidden: int = 64, n_classes: int = 5) -> None:
+    def __init__(self, n_features: int, channels: int = 16, hidden: int = 64, n_classes: int = 5, subpixels: int = 4) -> None:
         super().__init__()
-        self.image = SRAN(channels=channels, n_classes=n_classes)
+        self.image = SRAN(channels=channels, n_classes=n_classes, subpixels=subpixels)
         self.encoder = FeatureEncoder(n_features, hidden)
         width = self.image.num_features + hidden
         self.head = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden, n_classes))
@@ -34,6 +34,7 @@ class Fused(nn.Module):
 
 
 @register_model
-def fused(n_features: int = 22, channels: int = 16, hidden: int = 64, n_classes: int = 5, **_: object) -> Fused:
+def fused(n_features: int = 22, channels: int = 16, hidden: int = 64, n_classes: int = 5, subpixels: int = 4,
+          **_: object) -> Fused:
     """SRAN image branch + track-features branch."""
-    return Fused(n_features=n_features, channels=channels, hidden=hidden, n_classes=n_classes)
+    return Fused(n_features=n_features, channels=channels, hidden=hidden, n_classes=n_classes, subpixels=subpixels)

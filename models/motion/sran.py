@@ -2,9 +2,10 @@
 
 As the paper describes it (its supplementary's layer sizes are not public here; widths are ours):
 
-- pre-processing: a 4×4 convolution of stride 4 (one output per camera pixel at 4 sub-pixels:
-  the network works at 25 × 25 for a 100 × 100 image, which keeps training affordable on 2 CPU
-  cores) and a residual block (two 3×3 convolutions and an identity skip);
+- pre-processing: a ``sub × sub`` convolution of stride ``sub`` (one output per camera pixel: the
+  network works at 25 × 25 whatever the sub-pixel factor, which keeps training affordable on 2 CPU
+  cores and makes sub-pixel factors comparable) and a residual block (two 3×3 convolutions and an
+  identity skip);
 - an attention module of 2 stages; in each, the trunk branch down-samples (max pooling), applies a
   residual block and up-samples back (bilinear), the soft-mask branch is a residual block ending in a
   sigmoid, and an LSTM-like gate ``g = σ(W [x, t])`` mixes the masked trunk with the input:
@@ -79,10 +80,10 @@ class SRAN(nn.Module):
     """Shallow residual attention network (image only; ``features`` is accepted and ignored so
     that every motion model has the same two inputs)."""
 
-    def __init__(self, channels: int = 16, n_classes: int = 5, stages: int = 2) -> None:
+    def __init__(self, channels: int = 16, n_classes: int = 5, stages: int = 2, subpixels: int = 4) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(1, channels, 4, stride=4, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
+            nn.Conv2d(1, channels, subpixels, stride=subpixels, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
         )
         self.pre = ResidualBlock(channels)
         self.attention = nn.Sequential(*[AttentionStage(channels) for _ in range(stages)])
@@ -101,6 +102,7 @@ class SRAN(nn.Module):
 
 
 @register_model
-def sran(channels: int = 16, n_classes: int = 5, stages: int = 2, **_: object) -> SRAN:
-    """SRAN with ``channels`` feature maps and ``stages`` attention stages (the paper's final: 2)."""
-    return SRAN(channels=channels, n_classes=n_classes, stages=stages)
+def sran(channels: int = 16, n_classes: int = 5, stages: int = 2, subpixels: int = 4, **_: object) -> SRAN:
+    """SRAN with ``channels`` feature maps and ``stages`` attention stages (the paper's final: 2);
+    the stem reads one ``subpixels`` square per camera pixel."""
+    return SRAN(channels=channels, n_classes=n_classes, stages=stages, subpixels=subpixels)
