@@ -188,11 +188,11 @@ def main() -> None:
     if "speed" in only:
         speed(folder, spec)
     if "accuracy" in only:
-        accuracy(backend, spec, 10 if args.quick else 40)
+        accuracy(backend, spec, 10 if args.quick else 30)
     if "robustness" in only:
-        robustness(backend, spec, 6 if args.quick else 20)
+        robustness(backend, spec, 6 if args.quick else 12)
     if "switch" in only:
-        switch_delay(2 if args.quick else 5)
+        switch_delay(2 if args.quick else 4)
     print(f"\nbenchmark: {time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU")
 
 

@@ -324,6 +324,21 @@ def test_live_run_publishes_motion_state_and_change(tmp_path: Path, make_config,
     assert change["from"] == "Stat" and change["to"] == "Circ"
     assert abs(change["frame_change"] - switch) <= 200
     assert "motion_skipped" not in topics
+    # The inference-latency histogram, as cumulative buckets in the stage counters, over real HTTP.
+    import urllib.request
+
+    assert daemon.metrics_port is not None
+    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith('scopestream_stage_counter{') and 'stage="motion"' in line:
+            name = line.split('name="')[1].split('"')[0]
+            values[name] = float(line.rsplit(" ", 1)[1])
+    assert values["motion_inference_count"] == 4 == values["motion_windows_done"]
+    assert values["motion_inference_le_1000ms"] == 4
+    buckets = [values[k] for k in values if k.startswith("motion_inference_le_")]
+    assert buckets == sorted(buckets)  # cumulative
+    assert values["motion_changes"] == 1
 
 
 def test_a_config_without_motion_imports_no_inference_runtime() -> None:
