@@ -189,7 +189,9 @@ def camera_config(base: ScopestreamConfig, data: DataSettings) -> ScopestreamCon
     return build_config(raw)
 
 
-def _render(params: SampleParams, data: DataSettings, base: ScopestreamConfig, n_frames: int) -> np.ndarray:
+def _render(params: SampleParams, data: DataSettings, base: ScopestreamConfig, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """The movie ``(n, B, B)`` uint16 and the labelled vesicle's true position ``(n, 2)`` x, y px
+    (at the end of each frame)."""
     from scopestream.sim_camera import make_simulator
 
     raw = config_to_dict(camera_config(base, data))
@@ -202,11 +204,13 @@ def _render(params: SampleParams, data: DataSettings, base: ScopestreamConfig, n
     centre_nm = (BOX_PX / 2.0) * a
     sim.set_stage_position_nm(x_nm - centre_nm, y_nm - centre_nm)
     movie = np.empty((n_frames, BOX_PX, BOX_PX), dtype=np.uint16)
+    truth_xy = np.empty((n_frames, 2))
     for i in range(n_frames):
         sim.next_frame(movie[i])
+        truth_xy[i] = sim.scene.to_px(sim.scene.pos_nm[0, 0], sim.scene.pos_nm[0, 1])
     if data.second_vesicle is not None:
         movie = _add_second_vesicle(movie, params, data, base, float(data.second_vesicle))
-    return movie
+    return movie, truth_xy
 
 
 def _add_second_vesicle(movie: np.ndarray, params: SampleParams, data: DataSettings,
@@ -265,8 +269,11 @@ def region_origin(cx: float, cy: float, region_px: int, height: int, width: int)
 
 
 def cut_window(movie: np.ndarray, ids: np.ndarray, table: np.ndarray, start: int, k: int,
-               region_px: int, max_gap_frames: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
-    """The window of frames ``[start, start + k)`` of the track with most detections in it.
+               region_px: int, max_gap_frames: int,
+               truth_xy: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, bool] | None:
+    """The window of frames ``[start, start + k)`` of the track with most detections in it
+    (with ``truth_xy``, the labelled vesicle's true positions: of the track with most detections
+    within 2 px of it, so that a second vesicle's track is never taken for the labelled one's).
 
     Returns ``(pixels (k, r, r) float32, positions (k, 2) px in region coordinates, live)`` or
     None when no track has a detection in the window. ``live``: the live stage would have cut
@@ -276,7 +283,13 @@ def cut_window(movie: np.ndarray, ids: np.ndarray, table: np.ndarray, start: int
     if not sel.any():
         return None
     wid, wtab = ids[sel], table[sel]
-    values, counts = np.unique(wid, return_counts=True)
+    candidates = wid
+    if truth_xy is not None:
+        near = np.hypot(*(wtab[:, 1:3] - truth_xy[wtab[:, 0].astype(np.int64)]).T) <= 2.0
+        if not near.any():
+            return None
+        candidates = wid[near]
+    values, counts = np.unique(candidates, return_counts=True)
     best = values[np.argmax(counts)]
     rows = wtab[wid == best]
     pos = np.full((k, 2), np.nan)
@@ -304,13 +317,16 @@ def make_movie_samples(params: SampleParams, data: DataSettings, base: Scopestre
                        k_long: int, k_short: int) -> list[dict[str, Any]]:
     """Render one movie of ``k_long`` frames and return its samples: one window of ``k_long``
     frames and ``k_long // k_short`` windows of ``k_short`` (each a dict of arrays and flags)."""
-    movie = _render(params, data, base, k_long)
+    movie, truth_xy = _render(params, data, base, k_long)
+    # One vesicle (training): its track is the one with most detections, as a user would pick it.
+    # With a second vesicle (robustness test), match the labelled vesicle's true positions.
+    match = truth_xy if data.second_vesicle is not None else None
     ids, table = track_positions(movie, camera_config(base, data))
     gap = int(base.stage_settings("track").model_dump()["max_gap_frames"])
     out: list[dict[str, Any]] = []
     for k, starts in ((k_long, [0]), (k_short, list(range(0, k_long - k_short + 1, k_short)))):
         for start in starts:
-            cut = cut_window(movie, ids, table, start, k, spec.region_px, gap)
+            cut = cut_window(movie, ids, table, start, k, spec.region_px, gap, match)
             if cut is None:
                 out.append({"k": k, "start": start, "ok": False, "live": False})
                 continue
