@@ -39,6 +39,8 @@ LAZY_COMMANDS: tuple[tuple[str, str, str, str], ...] = (
      "scopestream.plugins.musical_cli", "add_musical_command"),
     ("report", "an HTML report with plots from analyze's result tables",
      "scopestream.daemon._report", "add_report_command"),
+    ("train", "train a network on simulated data (scopestream train motion ...)",
+     "scopestream.models.motion.cli", "add_train_command"),
 )
 """(command, one-line help, module, function): ``module.function(subparsers)`` adds the command's
 real parser, whose handler imports the implementation when run. Add ``train``, ``report`` here."""
@@ -189,7 +191,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     # Every frame of the file, nothing dropped, no ports: analyze is a batch job.
     preset = {"source.kind": "file", "source.file_path": str(args.input), "source.replay_fps": None,
               "bus.policy": "block", "metrics.enabled": False,
-              "musical.skip_when_busy": False}  # MUSICAL windows wait for the workers, none skipped
+              "musical.skip_when_busy": False, "motion.skip_when_busy": False}  # windows wait for the workers
     config = load_config(args.config, args.overrides, preset)
     out = Path(args.out)
     if args.report is not None:

@@ -58,7 +58,7 @@ __all__ = [
     "stage_plugins",
 ]
 
-DEFAULT_STAGES: tuple[str, ...] = ("frame_stats", "preview", "localize", "track", "diffusion", "musical")
+DEFAULT_STAGES: tuple[str, ...] = ("frame_stats", "preview", "localize", "track", "diffusion", "musical", "motion")
 
 MAX_CONFIG_FILE_BYTES = 1 << 20
 """Largest configuration file read, bytes (a configuration is a few kB)."""
@@ -209,7 +209,7 @@ class OffloadConfig(_Section):
         None, description="Dask scheduler to send jobs to (backend 'dask'), e.g. 'tcp://10.0.0.5:8786'; None: start a LocalCluster of `workers` single-threaded worker processes for the run.",
     )
     workers: int = Field(1, ge=1, le=256, description="Worker processes or threads (and LocalCluster workers for 'dask' without a scheduler_address).")
-    max_in_flight_jobs: int = Field(4, ge=1, le=4096, description="Jobs submitted and not yet delivered, at most, over all stages; beyond it a job is skipped and counted.")
+    max_in_flight_jobs: int = Field(8, ge=1, le=4096, description="Jobs submitted and not yet delivered, at most, over all stages (each stage also bounds its own, e.g. musical.max_pending_windows = 4, so that one stage cannot starve another); beyond it a job is skipped and counted.")
     teardown_timeout_s: float = Field(120.0, gt=0, le=3600, description="At the end of a run, wait at most this long for jobs in flight, s.")
     worker_niceness: int = Field(
         10, ge=0, le=19,

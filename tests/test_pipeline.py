@@ -140,10 +140,10 @@ def test_default_daemon_on_the_simulated_camera_publishes_every_stage(
         "source.mm_config=simulated-widefield", "source.frames_limit=90", "events.wait_for_subscriber_s=20",
         "simulation.frame_height_px=64", "simulation.frame_width_px=64", "simulation.n_particles=5",
         "simulation.particle_kind=point", "simulation.states=[Circ]", "simulation.photons_per_frame=3000",
-        "musical.window_frames=30", "musical.slide_frames=30", "musical.region_px=15", "musical.subpixels=4",
+        "musical.window_frames=30", "musical.slide_frames=30", "musical.region_px=25", "musical.subpixels=4",
         "offload.backend=threads", "musical.skip_when_busy=false",
     )
-    assert config.stages == ["frame_stats", "preview", "localize", "track", "diffusion", "musical"]
+    assert config.stages == ["frame_stats", "preview", "localize", "track", "diffusion", "musical", "motion"]
     daemon = Daemon(config)
     daemons.append(daemon)
     assert daemon.events_endpoint is not None
@@ -160,7 +160,7 @@ def test_default_daemon_on_the_simulated_camera_publishes_every_stage(
     stop = topics["run_stop"][0].body
     assert stop["frames_received"] == 90 == stop["frames_processed"] + stop["frames_dropped"]
     assert stop["exit_status"] == "success"
-    for topic in ("run_start", "frame_stats", "preview", "localizations", "track", "diffusion", "musical"):
+    for topic in ("run_start", "frame_stats", "preview", "localizations", "track", "diffusion", "musical", "motion_state"):
         assert topic in topics, f"no {topic} event; got {sorted(topics)}"
     for topic, msgs in topics.items():
         assert [m.header.seq for m in msgs] == list(range(len(msgs))), topic
@@ -169,9 +169,14 @@ def test_default_daemon_on_the_simulated_camera_publishes_every_stage(
     track_images = [m for m in topics["musical"] if m.body["particle"] is not None]
     assert track_images, "no per-track MUSICAL window"
     m = track_images[0]
-    assert m.arrays["image"].shape == (15 * 4, 15 * 4)
+    assert m.arrays["image"].shape == (25 * 4, 25 * 4)
     assert m.body["frame_end"] - m.body["frame_start"] + 1 == 30
-    assert 0 <= m.body["x0_px"] <= 64 - 15 and 0 <= m.body["y0_px"] <= 64 - 15
+    assert 0 <= m.body["x0_px"] <= 64 - 25 and 0 <= m.body["y0_px"] <= 64 - 25
+    # The motion stage classified the same 30-frame track windows (its own cut until the musical
+    # stage's TrackWindows product is wired in): one state per window, probabilities summing to 1.
+    for s in topics["motion_state"]:
+        assert s.body["frame_end"] - s.body["frame_start"] + 1 == 30
+        assert abs(sum(s.body[f"p_{k}"] for k in ("Stat", "RanW", "RCir", "Circ", "Flow")) - 1) < 1e-5
     assert np.isfinite(m.arrays["image"]).all() and m.arrays["image"].max() > 0
 
 

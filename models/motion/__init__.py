@@ -1,0 +1,1 @@
+"""Motion-state networks (Stat / RanW / RCir / Circ / Flow): data, architectures, training, export."""
