@@ -611,6 +611,16 @@ def _why_stopped(core: UniMMCore) -> str:
             detail = str(core.getProperty(camera, "LastError"))
     except Exception:  # noqa: BLE001 - the camera may be half gone
         pass
+    if not detail:
+        # An unloaded device stops its sequence before it leaves the core: look again briefly
+        # (error path only) so that a camera being removed is reported as vanished.
+        for _ in range(10):
+            time.sleep(0.025)
+            try:
+                if camera not in core.getLoadedDevices() or not core.getCameraDevice():
+                    return "the camera device vanished (it is no longer loaded in the core)"
+            except Exception as exc:  # noqa: BLE001
+                return f"the camera vanished ({type(exc).__name__}: {exc})"
     text = f"camera {camera!r} stopped its sequence acquisition by itself"
     return f"{text}: {detail}" if detail else text
 
