@@ -4,6 +4,7 @@ sockets, a real HTTP scrape of the metrics."""
 from __future__ import annotations
 
 import re
+import sys
 import threading
 import time
 import urllib.request
@@ -13,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tifffile
 from pydantic import BaseModel
 
 from scopestream.daemon import (
@@ -27,6 +27,9 @@ from scopestream.daemon import (
 from scopestream.daemon._config import ScopestreamConfig
 from scopestream.daemon._service import Daemon
 from scopestream.daemon.client import ControlClient, Subscriber
+
+sys.path.insert(0, str(Path(__file__).parent))
+from live_runs import drain, start_with_subscriber, write_stack  # noqa: E402
 
 pytest.importorskip("mm_test_adapters")
 
@@ -42,16 +45,6 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def start_with_subscriber(daemon: Daemon, topics: Sequence[str] = ()) -> Subscriber:
-    """Subscribe before the run starts, so run_start is seen (the daemon waits for us)."""
-    assert daemon.events_endpoint is not None
-    sub = Subscriber(daemon.events_endpoint, topics)
-    starter = threading.Thread(target=daemon.start)
-    starter.start()
-    assert sub.wait_ready(10), "no welcome from the daemon"
-    starter.join(10)
-    return sub
-
 
 def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> bool:
     """Poll ``condition`` until it holds or ``timeout_s`` passes (a loaded machine can take
@@ -63,18 +56,6 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> bool:
         time.sleep(0.02)
     return True
 
-
-def drain(sub: Subscriber, until_topic: str = "run_stop", timeout_s: float = 20) -> list[Any]:
-    msgs = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        m = sub.recv(0.5)
-        if m is None:
-            continue
-        msgs.append(m)
-        if m.topic == until_topic:
-            return msgs
-    raise AssertionError(f"no {until_topic} within {timeout_s} s; got {[m.topic for m in msgs][-10:]}")
 
 
 def test_democamera_end_to_end(make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]) -> None:
@@ -222,12 +203,6 @@ register_stage_plugin(StagePlugin("bulky_test", _NoSettings, lambda c, s: _Bulky
 register_stage_plugin(StagePlugin("slow_test", _NoSettings, lambda c, s: _SlowStage(), topics={"slow_tick": _Tick}))
 register_stage_plugin(StagePlugin("flaky_test", _NoSettings, lambda c, s: _FlakyStage()))
 
-
-def write_stack(path: Path, n: int, shape: tuple[int, int] = (64, 64), seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    stack = rng.poisson(200, size=(n, *shape)).astype(np.uint16)
-    tifffile.imwrite(path, stack)
-    return stack
 
 
 def test_live_bus_drops_and_counts_honestly_when_analysis_is_slow(

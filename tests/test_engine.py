@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 import time
 import urllib.request
@@ -16,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tifffile
 from pydantic import BaseModel
 
 from scopestream.daemon import (
@@ -42,6 +42,9 @@ from scopestream.daemon._publish import Envelope
 from scopestream.daemon._service import Daemon
 from scopestream.daemon.client import ControlClient, Subscriber
 
+sys.path.insert(0, str(Path(__file__).parent))
+from live_runs import drain, start_with_subscriber, write_stack  # noqa: E402
+
 
 def scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -53,33 +56,7 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def write_stack(path: Path, n: int, shape: tuple[int, int] = (32, 32), seed: int = 0) -> np.ndarray:
-    stack = np.random.default_rng(seed).poisson(200, size=(n, *shape)).astype(np.uint16)
-    tifffile.imwrite(path, stack)
-    return stack
 
-
-def start_with_subscriber(daemon: Daemon, topics: Sequence[str] = ()) -> Subscriber:
-    assert daemon.events_endpoint is not None
-    sub = Subscriber(daemon.events_endpoint, topics)
-    starter = threading.Thread(target=daemon.start)
-    starter.start()
-    assert sub.wait_ready(10), "no welcome from the daemon"
-    starter.join(10)
-    return sub
-
-
-def drain(sub: Subscriber, until_topic: str = "run_stop", timeout_s: float = 30) -> list[Any]:
-    msgs = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        m = sub.recv(0.5)
-        if m is None:
-            continue
-        msgs.append(m)
-        if m.topic == until_topic:
-            return msgs
-    raise AssertionError(f"no {until_topic} within {timeout_s} s; got {[m.topic for m in msgs][-10:]}")
 
 
 # -- stages registered without an entry point --------------------------------------------------
@@ -294,7 +271,7 @@ def test_setup_gets_the_run_context_before_the_first_frame(
 def test_a_stage_that_cannot_set_up_stops_the_start_by_name(
     tmp_path: Path, make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]
 ) -> None:
-    write_stack(tmp_path / "s.tif", 5)
+    write_stack(tmp_path / "s.tif", 5, shape=(32, 32))
     config = make_config("source.kind=file", f"source.file_path={tmp_path / 's.tif'}", "stages=[bad_setup_test]")
     daemon = Daemon(config)
     daemons.append(daemon)
@@ -308,7 +285,7 @@ def test_a_refused_settings_change_is_reported_and_the_old_settings_stay(
 ) -> None:
     """A setting the stage cannot take: ok false naming it, a stage_error event, counted, the
     stage keeps its old level, and every frame is still accounted for."""
-    write_stack(tmp_path / "s.tif", 150)
+    write_stack(tmp_path / "s.tif", 150, shape=(32, 32))
     config = make_config("source.kind=file", f"source.file_path={tmp_path / 's.tif'}", "source.replay_fps=100",
                          "stages=[recorder_test]", "events.wait_for_subscriber_s=10")
     daemon = Daemon(config)
@@ -362,7 +339,7 @@ def test_track_max_displacement_overflow_never_ends_the_stage_thread(
 def test_emissions_that_cannot_be_published_are_stage_errors(
     tmp_path: Path, make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]
 ) -> None:
-    write_stack(tmp_path / "s.tif", 20)
+    write_stack(tmp_path / "s.tif", 20, shape=(32, 32))
     config = make_config("source.kind=file", f"source.file_path={tmp_path / 's.tif'}",
                          "stages=[garbage_test, frame_stats]")
     daemon = Daemon(config)
@@ -380,7 +357,7 @@ def test_emissions_that_cannot_be_published_are_stage_errors(
 def test_offloaded_results_are_published_from_the_housekeeping_tick_even_while_paused(
     tmp_path: Path, make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]
 ) -> None:
-    stack = write_stack(tmp_path / "s.tif", 400)
+    stack = write_stack(tmp_path / "s.tif", 400, shape=(32, 32))
     _Offloader.instances.clear()
     gate = threading.Event()
     _Offloader.gate = gate
@@ -587,7 +564,7 @@ def test_subscription_gauge_follows_subscribers_as_they_come_and_go(
 def test_metrics_read_the_accounting(
     tmp_path: Path, make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]
 ) -> None:
-    write_stack(tmp_path / "s.tif", 40)
+    write_stack(tmp_path / "s.tif", 40, shape=(32, 32))
     config = make_config("source.kind=file", f"source.file_path={tmp_path / 's.tif'}", "stages=[recorder_test, garbage_test]")
     daemon = Daemon(config)
     daemons.append(daemon)
