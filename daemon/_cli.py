@@ -40,7 +40,7 @@ LAZY_COMMANDS: tuple[tuple[str, str, str, str], ...] = (
     ("report", "an HTML report with plots from analyze's result tables",
      "scopestream.daemon._report", "add_report_command"),
     ("train", "train a network on simulated data (scopestream train motion ...)",
-     "scopestream.models.motion.cli", "add_train_command"),
+     "scopestream.models.cli", "add_train_command"),
 )
 """(command, one-line help, module, function): ``module.function(subparsers)`` adds the command's
 real parser, whose handler imports the implementation when run. Add ``train``, ``report`` here."""

@@ -19,10 +19,8 @@ from typing import Any
 from scopestream.daemon._errors import InputError
 
 
-def add_train_command(subparsers: Any) -> None:
-    """Add ``train`` (with its sub-command ``motion``) to an argparse sub-parser collection."""
-    p = subparsers.add_parser("train", help="train a network on simulated data (motion)")
-    sub = p.add_subparsers(dest="network", metavar="NETWORK")
+def add_motion_parser(sub: Any) -> None:
+    """Add ``motion`` to the ``train`` command's sub-parser collection."""
     m = sub.add_parser("motion", help="motion-state networks (Stat/RanW/RCir/Circ/Flow)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("--out", required=True, type=Path, help="output folder (report, checkpoints, model folder)")
@@ -45,12 +43,6 @@ def add_train_command(subparsers: Any) -> None:
     m.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
     m.set_defaults(func=_cmd_train_motion)
-    p.set_defaults(func=lambda args: _no_network(p))
-
-
-def _no_network(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
 
 
 def _cmd_train_motion(args: argparse.Namespace) -> int:
