@@ -6,7 +6,7 @@ one per ``cell_px`` cell, each placed at its cell's centre with its own D drawn 
 of ``frames`` frames gives one sample per particle: the ``region_px`` square centred (rounded, as
 the live cutter does) on the mean of its true positions over the window. After a group the
 emitters are put back at their cell centres with fresh D and photons. A sample whose particle came
-within ``region_px / 2`` of a neighbour cell's edge (it would share its window) or was replaced
+so far that its window (or its path) reaches a neighbour's cell or was replaced
 by the scene (left the field) is dropped.
 
 Blur: ``blur = 1/6`` is continuous exposure (exposure = frame interval, 16 positions sampled in
@@ -137,6 +137,9 @@ def render_mosaic(seed: int, index: int, blur: float, spec: StackSpec, data: Dat
         for j in np.flatnonzero(ok):
             x0r = int(round(mean[j, 0])) - s // 2
             y0r = int(round(mean[j, 1])) - s // 2
+            cx0, cy0 = int(round(cell_lo[j, 0])), int(round(cell_lo[j, 1]))
+            if not (cx0 <= x0r <= cx0 + c - s and cy0 <= y0r <= cy0 + c - s):
+                continue  # the window would reach into a neighbour's cell or past the frame
             pix.append(movie[:, y0r : y0r + s, x0r : x0r + s])
             xy.append(truth[:, j] - np.array([x0r, y0r]))
             keep.append(j)
