@@ -86,6 +86,11 @@ def _config(spec: StackSpec, data: DataSettings, blur: float, background: float)
     })
 
 
+def _log_range(bounds: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = np.log(np.asarray(bounds, dtype=np.float64))
+    return float(lo), float(hi)
+
+
 def render_mosaic(seed: int, index: int, blur: float, spec: StackSpec, data: DataSettings) -> StackSet:
     """The samples of one mosaic (module docstring); also the frames' true positions."""
     from scopestream.sim_camera import make_simulator
@@ -103,8 +108,8 @@ def render_mosaic(seed: int, index: int, blur: float, spec: StackSpec, data: Dat
     um2_per_s = a**2 / 1e6 / (spec.frame_interval_ms / 1e3)  # 1 px²/frame in µm²/s
     parts = []
     for _ in range(data.groups_per_mosaic):
-        log_d = rng.uniform(*np.log(data.D_px2_per_frame), n)
-        photons = np.exp(rng.uniform(*np.log(data.photons_per_frame), n))
+        log_d = rng.uniform(*_log_range(data.D_px2_per_frame), n)
+        photons = np.exp(rng.uniform(*_log_range(data.photons_per_frame), n))
         origin = scene.origin_nm
         scene.pos_nm[:n, 0] = (centres_px[:, 0] + 0.5) * a + origin[0]  # inverse of scene.to_px
         scene.pos_nm[:n, 1] = (centres_px[:, 1] + 0.5) * a + origin[1]
@@ -134,7 +139,7 @@ def render_mosaic(seed: int, index: int, blur: float, spec: StackSpec, data: Dat
         hi = np.nanmax(truth, axis=0)
         ok &= (lo >= cell_lo + 2).all(axis=1) & (hi <= cell_lo + c - 3).all(axis=1)
         pix, xy, keep = [], [], []
-        for j in np.flatnonzero(ok):
+        for j in np.flatnonzero(ok).tolist():
             x0r = int(round(mean[j, 0])) - s // 2
             y0r = int(round(mean[j, 1])) - s // 2
             cx0, cy0 = int(round(cell_lo[j, 0])), int(round(cell_lo[j, 1]))
