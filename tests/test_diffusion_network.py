@@ -234,3 +234,42 @@ def test_daemon_run_publishes_network_estimates_beside_the_mle(tmp_path: Path, m
     d_net = cols["D_um2_per_s"][net]
     assert np.all(d_net > 0) and np.all(cols["D_err_um2_per_s"][net] > 0) and np.isnan(cols["D_crlb_um2_per_s"][net]).all()
     assert float(np.median(np.abs(np.log(d_net / 0.1)))) < 0.8, d_net
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--train-mosaics", "0"], "--train-mosaics must be at least 1"),
+    (["--lr", "-1"], "--lr must be positive"),
+])
+def test_train_cli_bad_input_exits_2_with_one_paragraph(tmp_path: Path, args: list[str], message: str) -> None:
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "scopestream.daemon._cli", "train", "diffusion", "--out", str(tmp_path), *args],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_train_writes_a_loadable_model_folder_and_report(tmp_path: Path) -> None:
+    """A tiny run of `scopestream train diffusion` (1 training mosaic, 1 epoch): the model folder
+    loads and checks (card, hashes, input shapes), the ONNX graph runs, the card and
+    MODEL_CARD.md carry command, seed, commit, data sizes, time and the held-out test figures."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "scopestream.daemon._cli", "train", "diffusion", "--out", str(tmp_path),
+                          "--train-mosaics", "1", "--test-mosaics", "1", "--epochs", "1", "--seed", "7", "--no-progress"],
+                         capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    folder = load_model_folder(tmp_path / "model", name="diffusion", major_version=1, inputs={"stack": [-1, 16, 16, 16], "blur": [-1, 1]})
+    t = folder.card.training
+    assert t["seed"] == 7 and t["test_seed"] == 10**9 + 7 and t["train_stacks"] > 100 and t["time_s"] > 0
+    assert "train diffusion" in t["command"] and t["commit"]
+    assert set(folder.card.test) == {"R=0.167", "R=0.000", "all"}
+    md = (tmp_path / "model" / "MODEL_CARD.md").read_text()
+    assert "never used in training" in md and "| R | D bin" in md
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "curves.png").is_file() and (tmp_path / "test.png").is_file()
+    _, backend = load_network(NetworkRef(str(tmp_path / "model"), "onnxruntime", "cpu", 1))
+    res = backend.run({"stack": np.zeros((2, 16, 16, 16), np.float32), "blur": np.zeros((2, 1), np.float32)})
+    assert res["log_D"].shape == (2, 1) and np.isfinite(res["log_var"]).all()
