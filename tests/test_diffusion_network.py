@@ -273,3 +273,28 @@ def test_train_writes_a_loadable_model_folder_and_report(tmp_path: Path) -> None
     _, backend = load_network(NetworkRef(str(tmp_path / "model"), "onnxruntime", "cpu", 1))
     res = backend.run({"stack": np.zeros((2, 16, 16, 16), np.float32), "blur": np.zeros((2, 1), np.float32)})
     assert res["log_D"].shape == (2, 1) and np.isfinite(res["log_var"]).all()
+
+
+def test_analyze_writes_network_rows_to_diffusion_csv(tmp_path: Path) -> None:
+    """`scopestream analyze --set diffusion.method=network`: diffusion.csv keeps its columns and
+    holds rows with method 'network' / window 'stack' beside the track rows (method by 'auto')."""
+    import csv
+    import subprocess
+
+    from scopestream.sim_camera import simulate_stack
+
+    sim_config = load_config(None, ["stages=[localize, track]"], preset={"simulation": SCENE})
+    movie, _ = simulate_stack(sim_config, "widefield", n_frames=48, size_px=48, n_particles=3, seed=11)
+    tifffile.imwrite(tmp_path / "m.tif", movie)
+    out = subprocess.run([sys.executable, "-m", "scopestream.daemon._cli", "analyze", str(tmp_path / "m.tif"), "--out",
+                          str(tmp_path / "res"), "--set", "stages=[localize, track, diffusion]", "--set", "diffusion.method=network"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    with open(tmp_path / "res" / "diffusion.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0])[:11] == ["frame", "particle", "frame_start", "frame_end", "n_steps", "D_um2_per_s", "D_err_um2_per_s",
+                                  "D_crlb_um2_per_s", "sigma_loc_nm", "method", "window"]
+    net = [r for r in rows if r["method"] == "network"]
+    assert len(net) >= 4 and {r["window"] for r in net} == {"stack"}
+    assert {r["method"] for r in rows if r["window"] == "track"} <= {"mle", "mle_scaled", "mle_joint", "cve"}
+    assert all(float(r["D_um2_per_s"]) > 0 for r in net)
