@@ -270,6 +270,7 @@ def test_train_writes_a_loadable_model_folder_and_report(tmp_path: Path) -> None
     md = (tmp_path / "model" / "MODEL_CARD.md").read_text()
     assert "never used in training" in md and "| R | D bin" in md
     assert (tmp_path / "report.md").is_file() and (tmp_path / "curves.png").is_file() and (tmp_path / "test.png").is_file()
+    assert (tmp_path / "model" / "curves.png").is_file() and (tmp_path / "model" / "test.png").is_file()
     _, backend = load_network(NetworkRef(str(tmp_path / "model"), "onnxruntime", "cpu", 1))
     res = backend.run({"stack": np.zeros((2, 16, 16, 16), np.float32), "blur": np.zeros((2, 1), np.float32)})
     assert res["log_D"].shape == (2, 1) and np.isfinite(res["log_var"]).all()
