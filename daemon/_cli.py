@@ -191,7 +191,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     # Every frame of the file, nothing dropped, no ports: analyze is a batch job.
     preset = {"source.kind": "file", "source.file_path": str(args.input), "source.replay_fps": None,
               "bus.policy": "block", "metrics.enabled": False,
-              "musical.skip_when_busy": False, "motion.skip_when_busy": False}  # windows wait for the workers
+              "musical.skip_when_busy": False, "motion.skip_when_busy": False,
+              "diffusion.network_skip_when_busy": False}  # windows wait for the workers
     config = load_config(args.config, args.overrides, preset)
     out = Path(args.out)
     if args.report is not None:

@@ -132,10 +132,14 @@ class TorchBackend:
             raise RuntimeError("TorchBackend.run before load()")
         names = [t.name for t in self._folder.card.inputs]
         tensors = [torch.as_tensor(np.ascontiguousarray(inputs[n], dtype=np.float32), device=self._device) for n in names]
+        card = self._folder.card
         with torch.inference_mode():
-            logits = self._model(*tensors)
-            probs = torch.softmax(logits, dim=1)
-        return {self._folder.card.outputs[0].name: probs.float().cpu().numpy()}
+            out = self._model(*tensors)
+            if isinstance(out, tuple | list):  # several outputs (regression heads): in the card's order
+                return {spec.name: o.float().cpu().numpy() for spec, o in zip(card.outputs, out, strict=True)}
+            if card.classes:  # a classifier's logits -> the exported probabilities
+                out = torch.softmax(out, dim=1)
+        return {card.outputs[0].name: out.float().cpu().numpy()}
 
 
 class TensorRTBackend:

@@ -488,6 +488,7 @@ def _start(model: TridiagonalModel) -> np.ndarray:
 
 def fit_mle(
     model: TridiagonalModel, start: np.ndarray | None = None, *, max_iterations: int = 40, rtol: float = 1e-4,
+    d_floor: float = 0.0,
 ) -> MLEResult:
     """Fisher scoring for the parameters of every track, D projected onto D >= 0.
 
@@ -502,6 +503,9 @@ def fit_mle(
         Cap on scoring iterations (step halvings count).
     rtol
         Stop when every parameter step is below ``rtol`` times (|parameter| + its standard error).
+    d_floor
+        Lower bound of D / scale (0: D >= 0, as published; ``-inf``: unconstrained as long as
+        Sigma stays positive definite, for the bias study in ``benchmarks/bench_diffusion_mle.py``).
     """
     m = model.dx.shape[0]
     P = model.n_params
@@ -514,6 +518,7 @@ def fit_mle(
     # Sigma stays positive definite (-inf likelihood beyond): like the CVE's sigma^2, it is then
     # unbiased, and so is D (a bound at 0 biases D by ~8 % at 20 steps).
     floor = np.zeros(P)
+    floor[0] = d_floor
     if P == 2:
         floor[1] = -np.inf
     loglik = np.full(m, -np.inf)

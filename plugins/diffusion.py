@@ -99,7 +99,7 @@ __all__ = [
 ]
 
 
-WINDOW_LABELS: tuple[str, ...] = ("rolling", "track")
+WINDOW_LABELS: tuple[str, ...] = ("rolling", "track", "stack")
 
 
 class DiffusionSettings(BaseModel):
@@ -107,13 +107,14 @@ class DiffusionSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
-    method: Literal["cve", "msd", "mle", "auto"] = Field(
+    method: Literal["cve", "msd", "mle", "auto", "network"] = Field(
         "auto",
         description=(
             "'cve': covariance-based estimator (Vestergaard et al. 2014); 'msd': MSD fit with the optimal number of "
             "points (Michalet & Berglund 2012); 'mle': maximum likelihood with blur and the per-spot uncertainties "
             "(Berglund 2010, Relich et al. 2016), with its Cramér-Rao bound; 'auto': 'mle' where every point has a "
-            "calibrated uncertainty, else 'cve'. ('network' is not built yet.)"
+            "calibrated uncertainty, else 'cve'; 'network': the track rows as 'auto' and, beside them, the image-stack network's "
+            "estimate of every track window (rows with method 'network', window 'stack'; needs the shipped weights and onnxruntime)."
         ),
     )
     window_frames: int = Field(50, ge=3, le=10_000, description="Length of the rolling window, frames.")
@@ -144,6 +145,18 @@ class DiffusionSettings(BaseModel):
     immobile_D_um2_per_s: float = Field(
         0.001, ge=0, le=1e3, description="A segment with D below this is immobile whatever its error, um^2/s."
     )
+    network_model_dir: str | None = Field(None, description="method 'network': model folder (card.json + weights); None: the shipped models/weights/diffusion.")
+    network_backend: Literal["onnxruntime", "torch", "tensorrt"] = Field("onnxruntime", description="method 'network': inference backend.")
+    network_device: str = Field("cpu", description="method 'network': device of the torch / TensorRT backend.")
+    network_threads: int = Field(1, ge=1, le=64, description="method 'network': threads of one inference.")
+    network_step_frames: int | None = Field(
+        None, ge=1, le=100_000, description="method 'network': a window per track every this many frames; None: the model's window length (non-overlapping)."
+    )
+    network_margin_px: int = Field(8, ge=0, le=1000, description="method 'network': the capture box around a track is the model's region plus this margin on each side, px.")
+    network_max_tracks: int = Field(256, ge=1, le=100_000, description="method 'network': tracks buffered for windows at once, at most (more are counted, not cut).")
+    network_max_pending: int = Field(8, ge=1, le=1024, description="method 'network': windows in the off-thread service at once, at most; beyond it windows are skipped (or waited for).")
+    network_skip_when_busy: bool = Field(True, description="method 'network': skip and count a window when the off-thread service is busy (live); false: wait (analyze).")
+    network_min_detected_fraction: float = Field(0.5, ge=0, le=1, description="method 'network': windows in which the track was detected in fewer than this fraction of frames are not sent.")
     segment_batch_frames: int = Field(
         10, ge=1, le=10_000,
         description=(
@@ -163,9 +176,9 @@ class DiffusionBody(BaseModel):
 
     frame_seq: int = Field(description="The frame whose processing completed these estimates.")
     count: int = Field(description="Number of estimates (length of every array).")
-    method: Literal["cve", "msd", "mle", "auto"] = Field(description="The configured diffusion.method.")
+    method: Literal["cve", "msd", "mle", "auto", "network"] = Field(description="The configured diffusion.method.")
     labels: dict[str, list[str]] = Field(
-        description="Category names of the integer arrays: value i of array 'method' means labels['method'][i] (cve, msd, mle, mle_scaled, mle_joint, network); of 'window', labels['window'][i] (rolling: the last window_frames frames; track: the whole track)."
+        description="Category names of the integer arrays: value i of array 'method' means labels['method'][i] (cve, msd, mle, mle_scaled, mle_joint, network); of 'window', labels['window'][i] (rolling: the last window_frames frames; track: the whole track; stack: the image-stack network's window of the model's frames, method 'network')."
     )
 
 
@@ -342,6 +355,8 @@ class DiffusionEstimator:
 
     def __init__(self, settings: DiffusionSettings, config: ScopestreamConfig | None = None) -> None:
         config = config if config is not None else ScopestreamConfig()
+        if settings.method == "network":  # the track rows follow 'auto'; the stage adds the network's rows
+            settings = settings.model_copy(update={"method": "auto"})
         self.settings = settings
         acq = config.acquisition
         self.blur = (
@@ -747,13 +762,19 @@ class DiffusionStage:
 
     def __init__(self, config: ScopestreamConfig, settings: DiffusionSettings) -> None:
         self._config = config
+        self._settings = settings
         self._estimator = DiffusionEstimator(settings, config)
         self._last_frame: tuple[int, float | None] | None = None
+        self._network: _NetworkWindows | None = None
 
     def setup(self, context: RunContext) -> None:
         """Compile the likelihood kernel now (numba; from its disk cache after the first run), so
-        that the first estimate does not stall the camera path; the arrays grow with the tracks."""
+        that the first estimate does not stall the camera path; the arrays grow with the tracks.
+        With ``method: network``, load and check the network (a missing model, another version,
+        no onnxruntime: a configuration error naming the problem) and warm it up."""
         warm_up_kernel()
+        if self._settings.method == "network":
+            self._network = _NetworkWindows(self._settings, self._estimator, context)
 
     def process(self, frame: Frame, products: Products) -> Sequence[Emission]:
         """Add this frame's track positions; emit what completed."""
@@ -761,7 +782,14 @@ class DiffusionStage:
         self._last_frame = (frame.seq, frame.t_acquired)
         est, changes = self._estimator.update(upd)
         products.put(DiffusionUpdate(frame.seq, () if est is None else (est,)))
-        return self._emissions(est, changes, frame.seq, frame.t_acquired)
+        out = self._emissions(est, changes, frame.seq, frame.t_acquired)
+        if self._network is not None:
+            self._network.submit(frame, upd)
+        return out
+
+    def counters(self) -> dict[str, int]:
+        """With ``method: network``: windows submitted, estimated, skipped (busy / invalid / failed)."""
+        return self._network.counters() if self._network is not None else {}
 
     def _emissions(
         self, est: DiffusionEstimates | None, changes: ChangeEstimates | None, frame_seq: int, t: float | None
@@ -769,7 +797,7 @@ class DiffusionStage:
         out: list[Emission] = []
         if est is not None and len(est):
             body = DiffusionBody(
-                frame_seq=frame_seq, count=len(est), method=self._estimator.settings.method,
+                frame_seq=frame_seq, count=len(est), method=self._settings.method,
                 labels={"method": list(METHOD_LABELS), "window": list(WINDOW_LABELS)},
             )
             out.append(Emission("diffusion", body, est.arrays(), frame_seq=frame_seq, t_acquired=t))
@@ -793,6 +821,110 @@ class DiffusionStage:
         est, changes = self._estimator.finish()
         seq, t = self._last_frame if self._last_frame is not None else (0, None)
         return self._emissions(est, changes, seq, t)
+
+
+class _NetworkWindows:
+    """``method: network``: cuts the track windows, sends them off the camera path, turns the
+    results into ``diffusion`` rows (method ``network``, window ``stack``); see
+    :mod:`scopestream.plugins._diffusion_network`."""
+
+    def __init__(self, settings: DiffusionSettings, estimator: DiffusionEstimator, context: RunContext) -> None:
+        import threading
+        from pathlib import Path
+
+        from scopestream.models._card import ModelLoadError
+        from scopestream.plugins._diffusion_network import (
+            NetworkRef,
+            default_model_dir,
+            load_network,
+        )
+        from scopestream.plugins.motion import _WindowCutter
+
+        model_dir = Path(settings.network_model_dir) if settings.network_model_dir else default_model_dir()
+        self._ref = NetworkRef(str(model_dir), settings.network_backend, settings.network_device, settings.network_threads)
+        try:
+            folder, _ = load_network(self._ref)
+        except ModelLoadError as exc:
+            raise ValueError(f"diffusion.method 'network': {exc}") from None
+        spec = folder.card.input_spec
+        trained = float(spec.get("psf_sigma_px", estimator.psf_sigma_px))
+        if abs(estimator.psf_sigma_px - trained) > 0.25 * trained:
+            raise ValueError(
+                f"diffusion.method 'network': the model in {model_dir} was trained for a PSF SD of {trained:.3g} px; this run's "
+                f"is {estimator.psf_sigma_px:.3g} px (localize.psf_sigma_px or the optics; more than 25 % off: retrain with "
+                "`scopestream train diffusion` for these optics)"
+            )
+        self._frames = int(spec.get("frames", 16))
+        self._region = int(spec.get("region_px", 16))
+        step = settings.network_step_frames or self._frames
+        self._cutter = _WindowCutter(self._frames, step, self._region, settings.network_margin_px, settings.network_max_tracks)
+        self._settings = settings
+        self._estimator = estimator
+        self._context = context
+        self._lock = threading.Lock()  # on_done / on_fail run on the housekeeping thread
+        self._counts = {name: 0 for name in (
+            "diffusion_network_windows_submitted", "diffusion_network_windows_done", "diffusion_network_windows_busy",
+            "diffusion_network_windows_invalid", "diffusion_network_windows_failed",
+        )}
+
+    def submit(self, frame: Frame, upd: TrackUpdate) -> None:
+        """Cut this frame's completed windows and send each to the off-thread service."""
+        from functools import partial
+
+        from scopestream.plugins._diffusion_network import estimate_stacks
+
+        windows = self._cutter.update(frame, upd)
+        for w in windows.windows:
+            detected = np.isfinite(w.positions_px).all(axis=1)
+            unusable = (
+                w.pixels.shape != (self._frames, self._region, self._region)
+                or float(detected.mean()) < self._settings.network_min_detected_fraction
+                or (w.pixels.dtype.kind == "f" and not np.isfinite(w.pixels).all())
+            )
+            if unusable:
+                with self._lock:
+                    self._counts["diffusion_network_windows_invalid"] += 1
+                continue
+            key = (w.particle, w.frame_start, w.frame_end, int(detected.sum()))
+            accepted = self._context.offload.submit(
+                "diffusion", estimate_stacks, self._ref, [w.pixels], float(self._estimator.blur),
+                on_done=partial(self._on_done, key, frame.t_acquired), on_fail=partial(self._on_fail, key),
+                max_in_flight=self._settings.network_max_pending, block=not self._settings.network_skip_when_busy,
+            )
+            with self._lock:
+                self._counts["diffusion_network_windows_submitted" if accepted else "diffusion_network_windows_busy"] += 1
+
+    def _on_done(self, key: tuple[int, int, int, int], t_acquired: float | None, result: Any) -> list[Emission]:
+        particle, start, end, detected = key
+        k = self._estimator._px2_per_frame_to_um2_per_s
+        d = float(np.exp(result.log_D[0])) * k
+        err = d * float(np.sqrt(result.var_log_D[0]))
+        est = DiffusionEstimates(
+            particle=np.array([particle], dtype=np.int64), frame_start=np.array([start], dtype=np.int64),
+            frame_end=np.array([end], dtype=np.int64), n_steps=np.array([max(detected - 1, 0)], dtype=np.int64),
+            D_um2_per_s=np.array([d]), D_err_um2_per_s=np.array([err]), D_crlb_um2_per_s=np.array([np.nan]),
+            sigma_loc_nm=np.array([np.nan]), method=np.array([METHOD_CODE["network"]], dtype=np.uint8),
+            window=np.array([WINDOW_LABELS.index("stack")], dtype=np.uint8),
+        )
+        with self._lock:
+            self._counts["diffusion_network_windows_done"] += 1
+        body = DiffusionBody(frame_seq=end, count=1, method="network",
+                             labels={"method": list(METHOD_LABELS), "window": list(WINDOW_LABELS)})
+        return [Emission("diffusion", body, est.arrays(), frame_seq=end, t_acquired=t_acquired)]
+
+    def _on_fail(self, key: tuple[int, int, int, int], reason: str, detail: str) -> list[Emission]:
+        invalid = reason == "failed" and detail.startswith("ValueError")
+        with self._lock:
+            self._counts["diffusion_network_windows_invalid" if invalid else "diffusion_network_windows_failed"] += 1
+        return []
+
+    def counters(self) -> dict[str, int]:
+        """Window counts and the cutter's re-anchors / tracks not buffered."""
+        with self._lock:
+            out = dict(self._counts)
+        out["diffusion_network_track_reanchors"] = self._cutter.reanchors
+        out["diffusion_network_tracks_not_buffered"] = self._cutter.not_buffered
+        return out
 
 
 PLUGIN = StagePlugin(
