@@ -13,7 +13,10 @@ Devices
 :class:`SimulatedWidefieldCamera`, :class:`SimulatedScanningCamera`
     Cameras that pace themselves: frame ``i`` of a sequence is delivered at ``start + (i + 1) *
     period`` (absolute deadlines, no drift; the period is the frame interval, at least the
-    exposure; for the scanning camera the frame scan time). The scene carries on across sequences
+    exposure; for the scanning camera the frame scan time). A frame is made at the start of its
+    exposure, ``exposure`` before its delivery, with the stage position of that moment, so a
+    stage move shows in the first frame whose exposure starts after it (one frame of loop delay,
+    as on a real camera with instantaneous readout). The scene carries on across sequences
     and snaps; simulation time advances one frame period per frame whatever the wall clock does.
 :class:`SimulatedZStage`
     A focus (Z) stage. The cameras follow every ``stagePositionChanged`` event of their core
@@ -67,7 +70,9 @@ Every frame's metadata carries these string-valued keys:
   ``scopestream_frame_period_ms``, ``scopestream_saturated_px``, ``scopestream_stage_x_um``,
   ``scopestream_stage_y_um``, ``scopestream_kind``, ``scopestream_seed``,
   ``scopestream_t_acquired_s`` (the camera's time stamp: the frame's scheduled delivery time,
-  Unix s; sequence acquisition only);
+  Unix s; sequence acquisition only), ``scopestream_t_exposed_s`` (when the frame was made, Unix
+  s: the start of its exposure, ``exposure_ms`` before delivery; the stage position then is the
+  one in the frame; sequence acquisition only);
 - scanning camera also ``scopestream_line_period_ms``, ``scopestream_dwell_us``,
   ``scopestream_retrace_ms`` (row r starts at ``frame_start + r * line_period``).
 
@@ -327,21 +332,33 @@ class _SimulatedCamera(CameraDevice):
         while n is None or produced < n:
             self._check_injected_failure()
             with self._sim_lock:
+                period_s = self._simulator.frame_period_ms / 1000.0
+                exposure_s = self._simulator.exposure_ms / 1000.0
+            deadline += period_s
+            # The frame is exposed during the last exposure_s before its delivery (readout is
+            # instantaneous here), so it is made then, with the stage where it is at the start
+            # of that exposure: a stage move done before it shows in this frame, one done later
+            # in the next. Making it a whole period ahead would add a frame of loop delay that
+            # no real camera has. (Rendering takes well under a millisecond at 64 x 64 px.)
+            delay = deadline - exposure_s - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            elif delay < -_RESYNC_AFTER_S:
+                deadline = time.perf_counter() + exposure_s
+            t_exposed = time.perf_counter()
+            with self._sim_lock:
                 simulator = self._simulator
                 start_ms = simulator.next_frame_start_ms
                 stage_x_um, stage_y_um = self._stage_um
                 buffer = get_buffer(simulator.shape, np.uint16)
                 _, truth = simulator.next_frame(buffer)
                 frame = simulator.frame_index - 1
-                period_s = simulator.frame_period_ms / 1000.0
                 metadata = self._metadata(simulator, frame, start_ms, truth, stage_x_um, stage_y_um)
                 self.truth_queue.append((frame, truth))
-            deadline += period_s
             delay = deadline - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            elif delay < -_RESYNC_AFTER_S:
-                deadline = time.perf_counter()
+            metadata["scopestream_t_exposed_s"] = repr(t_exposed + clock_offset_s)
             metadata["scopestream_t_acquired_s"] = repr(deadline + clock_offset_s)
             produced += 1
             yield metadata

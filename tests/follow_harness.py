@@ -45,9 +45,10 @@ def scene(state: str, value: float, frame_interval_ms: float = 10.0) -> list[str
     ]
 
 
-def distances_from_centre(truths: list[tuple[int, np.ndarray]], skip_frames: int) -> np.ndarray:
-    """Per frame (after ``skip_frames``), the followed particle's true distance from the centre, px.
-    The followed particle is the one most often nearest the centre."""
+def offsets_from_centre(truths: list[tuple[int, np.ndarray]], skip_frames: int) -> np.ndarray:
+    """Per frame (after ``skip_frames``), the followed particle's true offset (x, y) from the
+    centre, px; NaN where it is not in the frame. The followed particle is the one most often
+    nearest the centre."""
     c = (SIZE_PX - 1) / 2.0
     nearest: Counter[int] = Counter()
     for _, t in truths:
@@ -59,11 +60,18 @@ def distances_from_centre(truths: list[tuple[int, np.ndarray]], skip_frames: int
         if frame < skip_frames:
             continue
         row = t[t["particle"] == target]
-        out.append(float(np.hypot(row["x"][0] - c, row["y"][0] - c)) if row.size else np.inf)
-    return np.array(out)
+        out.append((float(row["x"][0] - c), float(row["y"][0] - c)) if row.size else (np.nan, np.nan))
+    return np.array(out, dtype=np.float64).reshape(-1, 2)
 
 
-def run_following(overrides: list[str], frames: int, follower: str = "client", lead_frames: float = 2.0) -> dict[str, Any]:
+def distances_from_centre(truths: list[tuple[int, np.ndarray]], skip_frames: int) -> np.ndarray:
+    """Per frame (after ``skip_frames``), the followed particle's true distance from the centre,
+    px (inf where it is not in the frame)."""
+    d = np.hypot(*offsets_from_centre(truths, skip_frames).T)
+    return np.where(np.isfinite(d), d, np.inf)
+
+
+def run_following(overrides: list[str], frames: int, follower: str = "client", lead_frames: float | None = None) -> dict[str, Any]:
     """Run the daemon with a follower for ``frames`` frames; returns the truth distances and counts."""
     rules = []
     if follower == "rule":
@@ -102,7 +110,9 @@ def run_following(overrides: list[str], frames: int, follower: str = "client", l
         run_stop = daemon.close()
     result["frames_processed"] = run_stop.frames_processed if run_stop else 0
     result["frames_dropped"] = run_stop.frames_dropped if run_stop else 0
-    result["distances_px"] = distances_from_centre(truths, skip_frames=30)
+    result["offsets_px"] = offsets_from_centre(truths, skip_frames=30)
+    d = np.hypot(*result["offsets_px"].T)
+    result["distances_px"] = np.where(np.isfinite(d), d, np.inf)
     return result
 
 
