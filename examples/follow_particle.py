@@ -106,9 +106,10 @@ class ParticleFollower:
     def moved(self, dx_um: float, dy_um: float, t_done: float, stage_um: tuple[float, float], round_trip_s: float = 0.0) -> None:
         """Record a move the daemon carried out (``round_trip_s``: from the event's arrival to
         the move's ``t_done``)."""
-        # Decays slowly, jumps up at once: a lead that undershoots a late move costs more than
-        # one that aims a frame too far now and then.
-        self.act_s = max(round_trip_s, 0.95 * self.act_s + 0.05 * round_trip_s)
+        # A plain running average, not the largest: when unsure, aim at the earlier frame. A
+        # move that lands a frame late is replaced by the next event's move before that frame,
+        # while one aimed a frame too far shows a whole frame of lead as error.
+        self.act_s = 0.9 * self.act_s + 0.1 * round_trip_s
         self.state.pending.append((t_done, dx_um, dy_um))
         self.state.stage_um = stage_um
 
@@ -196,7 +197,9 @@ def follow(
 ) -> dict[str, Any]:
     """Follow until ``frames`` track events were handled (None: until the run stops).
 
-    Returns counts: events, moves, refused moves, the followed particle.
+    Returns counts: events, moves, refused moves, the followed particle, and ``loop_frames``:
+    for each frame that led to a move, in how many frames later the move first showed (1: the
+    next frame, the shortest loop a camera allows).
     """
     sub = Subscriber(events, ["run_start", "track", "run_stop"])
     ctl = ControlClient(control)
@@ -211,6 +214,7 @@ def follow(
         reply = ctl.act("move_xy", x_um=0.0, y_um=0.0, client="follower")  # where the stage is
         follower.state.stage_um = (reply["state"]["x_um"], reply["state"]["y_um"])
         handled = moves = refused = 0
+        loop_frames: dict[int, int] = {}  # trigger frame_seq -> frames until its move shows
         while frames is None or handled < frames:
             msg = sub.recv(timeout_s)
             # React to the newest frame only: a follower that fell behind skips stale events.
@@ -241,8 +245,11 @@ def follow(
             moves += 1
             follower.moved(step[0], step[1], reply["t_done"], (reply["state"]["x_um"], reply["state"]["y_um"]),
                            reply["t_done"] - t_seen)
+            if msg.header.frame_seq is not None and msg.header.t_acquired is not None:
+                late_s = reply["t_done"] - msg.header.t_acquired + follower.exposure_s
+                loop_frames[msg.header.frame_seq] = max(1, math.ceil(late_s / follower.period_s))
         return {"events": handled, "moves": moves, "refused": refused, "particle": follower.state.particle,
-                "run_id": status["run_id"]}
+                "run_id": status["run_id"], "loop_frames": loop_frames}
     finally:
         sub.close()
         ctl.close()

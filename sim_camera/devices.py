@@ -167,6 +167,10 @@ class _SimulatedCamera(CameraDevice):
         self._settings_json = "{}"
         self._seed = 0
         self._stage_um = (0.0, 0.0)
+        # (perf_counter s, x_um, y_um) of recent moves: a frame shows the stage where it was at
+        # the scheduled start of its exposure even when the camera's thread wakes late.
+        self._stage_moves: deque[tuple[float, float, float]] = deque(maxlen=256)
+        self._stage_before_moves = (0.0, 0.0)  # where the stage was before the oldest of them
         self._focus_um = 0.0
         self.truth_queue: deque[tuple[int, np.ndarray]] = deque(maxlen=self.truth_queue_frames)
         self._sections: dict[str, Any] = {}
@@ -297,6 +301,9 @@ class _SimulatedCamera(CameraDevice):
     def _on_stage_moved(self, label: str, x_um: float, y_um: float) -> None:
         self._stage_um = (float(x_um), float(y_um))
         with self._sim_lock:
+            if len(self._stage_moves) == self._stage_moves.maxlen:
+                self._stage_before_moves = self._stage_moves[0][1:]
+            self._stage_moves.append((time.perf_counter(), float(x_um), float(y_um)))
             self._simulator.set_stage_position_nm(float(x_um) * 1000.0, float(y_um) * 1000.0)
 
     # -- camera API --------------------------------------------------------------------------
@@ -345,13 +352,18 @@ class _SimulatedCamera(CameraDevice):
                 time.sleep(delay)
             elif delay < -_RESYNC_AFTER_S:
                 deadline = time.perf_counter() + exposure_s
-            t_exposed = time.perf_counter()
+            t_exposed = deadline - exposure_s
             with self._sim_lock:
                 simulator = self._simulator
                 start_ms = simulator.next_frame_start_ms
-                stage_x_um, stage_y_um = self._stage_um
+                stage_x_um, stage_y_um = self._stage_at(t_exposed)
                 buffer = get_buffer(simulator.shape, np.uint16)
-                _, truth = simulator.next_frame(buffer)
+                if (stage_x_um, stage_y_um) != self._stage_um:  # moved since the exposure began
+                    simulator.set_stage_position_nm(stage_x_um * 1000.0, stage_y_um * 1000.0)
+                    _, truth = simulator.next_frame(buffer)
+                    simulator.set_stage_position_nm(self._stage_um[0] * 1000.0, self._stage_um[1] * 1000.0)
+                else:
+                    _, truth = simulator.next_frame(buffer)
                 frame = simulator.frame_index - 1
                 metadata = self._metadata(simulator, frame, start_ms, truth, stage_x_um, stage_y_um)
                 self.truth_queue.append((frame, truth))
@@ -362,6 +374,13 @@ class _SimulatedCamera(CameraDevice):
             metadata["scopestream_t_acquired_s"] = repr(deadline + clock_offset_s)
             produced += 1
             yield metadata
+
+    def _stage_at(self, t_perf_s: float) -> tuple[float, float]:
+        """The XY stage position at ``t_perf_s`` (perf_counter s); call with the lock held."""
+        for t, x, y in reversed(self._stage_moves):
+            if t <= t_perf_s:
+                return x, y
+        return self._stage_before_moves
 
     def _metadata(
         self,

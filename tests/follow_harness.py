@@ -111,6 +111,11 @@ def run_following(overrides: list[str], frames: int, follower: str = "client", l
     result["frames_processed"] = run_stop.frames_processed if run_stop else 0
     result["frames_dropped"] = run_stop.frames_dropped if run_stop else 0
     result["offsets_px"] = offsets_from_centre(truths, skip_frames=30)
+    # Frames the loop closed in time for: some move landed between the previous frame's exposure
+    # and this one's (daemon frame_seq = simulation frame index: one sequence, nothing dropped).
+    served = {m + k for m, k in result.get("loop_frames", {}).items()}
+    frames = [f for f, _ in truths if f >= 30]
+    result["served"] = np.array([f in served for f in frames], dtype=bool)
     d = np.hypot(*result["offsets_px"].T)
     result["distances_px"] = np.where(np.isfinite(d), d, np.inf)
     return result
