@@ -30,26 +30,27 @@ def load_example(name: str) -> Any:
     return module
 
 
-def scene(state: str, value: float, frame_interval_ms: float = 10.0) -> list[str]:
-    """One particle in state RanW (value = D, µm²/s) or Flow (value = speed, µm/s)."""
+def scene(state: str, value: float, frame_interval_ms: float = 10.0, size_px: int = SIZE_PX, exposure_ms: float = 1.0) -> list[str]:
+    """One particle in state RanW (value = D, µm²/s) or Flow (value = speed, µm/s), on a
+    ``size_px`` square field, 100 nm pixels."""
     key = "D_um2_per_s" if state == "RanW" else "flow_speed_um_per_s"
     return [
         "events.endpoint=tcp://127.0.0.1:0", "control.endpoint=tcp://127.0.0.1:0", "metrics.enabled=false",
         "events.wait_for_subscriber_s=10",
-        "stages=[localize,track]", f"simulation.frame_height_px={SIZE_PX}", f"simulation.frame_width_px={SIZE_PX}",
+        "stages=[localize,track]", f"simulation.frame_height_px={size_px}", f"simulation.frame_width_px={size_px}",
         "simulation.n_particles=1", "simulation.particle_kind=point", f"simulation.states=[{state}]",
         f"simulation.{key}={value}", "simulation.photons_per_frame=3000", "simulation.margin_nm=300",
         "simulation.flow_persistence_length_um=50",
-        "acquisition.exposure_ms=1", f"acquisition.frame_interval_ms={frame_interval_ms}",  # short exposure: no streaks
+        f"acquisition.exposure_ms={exposure_ms}", f"acquisition.frame_interval_ms={frame_interval_ms}",  # short exposure: no streaks
         "track.max_displacement_px=8", "limits.move_xy.max_rate_hz=1000",
     ]
 
 
-def offsets_from_centre(truths: list[tuple[int, np.ndarray]], skip_frames: int) -> np.ndarray:
+def offsets_from_centre(truths: list[tuple[int, np.ndarray]], skip_frames: int, size_px: int = SIZE_PX) -> np.ndarray:
     """Per frame (after ``skip_frames``), the followed particle's true offset (x, y) from the
     centre, px; NaN where it is not in the frame. The followed particle is the one most often
     nearest the centre."""
-    c = (SIZE_PX - 1) / 2.0
+    c = (size_px - 1) / 2.0
     nearest: Counter[int] = Counter()
     for _, t in truths:
         if t.size:
@@ -64,10 +65,10 @@ def offsets_from_centre(truths: list[tuple[int, np.ndarray]], skip_frames: int) 
     return np.array(out, dtype=np.float64).reshape(-1, 2)
 
 
-def distances_from_centre(truths: list[tuple[int, np.ndarray]], skip_frames: int) -> np.ndarray:
+def distances_from_centre(truths: list[tuple[int, np.ndarray]], skip_frames: int, size_px: int = SIZE_PX) -> np.ndarray:
     """Per frame (after ``skip_frames``), the followed particle's true distance from the centre,
     px (inf where it is not in the frame)."""
-    d = np.hypot(*offsets_from_centre(truths, skip_frames).T)
+    d = np.hypot(*offsets_from_centre(truths, skip_frames, size_px).T)
     return np.where(np.isfinite(d), d, np.inf)
 
 
@@ -110,7 +111,7 @@ def run_following(overrides: list[str], frames: int, follower: str = "client", l
         run_stop = daemon.close()
     result["frames_processed"] = run_stop.frames_processed if run_stop else 0
     result["frames_dropped"] = run_stop.frames_dropped if run_stop else 0
-    result["offsets_px"] = offsets_from_centre(truths, skip_frames=30)
+    result["offsets_px"] = offsets_from_centre(truths, 30, int(config.simulation.get("frame_width_px", SIZE_PX)))
     # Frames the loop closed in time for: some move landed between the previous frame's exposure
     # and this one's (daemon frame_seq = simulation frame index: one sequence, nothing dropped).
     served = {m + k for m, k in result.get("loop_frames", {}).items()}
