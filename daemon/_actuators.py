@@ -431,7 +431,10 @@ class MicroManagerActuators:
         core = self._core
         camera = self._device("set_exposure", core.getCameraDevice())
         core.setExposure(camera, exposure_ms)
-        return {"device": camera, "exposure_ms": float(core.getExposure())}
+        state = {"device": camera, "exposure_ms": float(core.getExposure())}
+        if core.hasProperty(camera, FRAME_INTERVAL_PROPERTY):
+            state["frame_interval_ms"] = float(core.getProperty(camera, FRAME_INTERVAL_PROPERTY))
+        return state
 
     def set_interval(self, frame_interval_ms: float) -> dict[str, Any]:
         core = self._core
@@ -548,6 +551,9 @@ class ActionService:
         self._lock = threading.Lock()
         self._last_call: dict[str, float] = {}
         self.stop_requested = threading.Event()
+        # Told of every done set_exposure / set_interval: (frame_interval_ms or None, exposure_ms,
+        # t_done); the engine passes the new timing to the stages (FollowsTiming).
+        self.timing_listener: Callable[[float | None, float, float], object] | None = None
         self.counts: dict[str, int] = {"done": 0, "refused": 0, "failed": 0}
 
     def execute(
@@ -585,12 +591,25 @@ class ActionService:
                 self.counts["failed"] += 1
                 log.warning("%s", error)
         t_done = time.time()
+        if error is None and state is not None and request.action in ("set_exposure", "set_interval"):
+            self._timing_changed(state, t_done)
         body = _action_body(request, origin, requested_by, trigger, state, error, t_matched, t_called, t_done)
         try:
             self._publish(body, trigger)
         except Exception:  # noqa: BLE001 - the action happened; a failed publish must not hide it
             log.exception("publishing an action event failed")
         return ActionResult(ok=error is None, state=state, error=error, t_done=t_done, body=body)
+
+    def _timing_changed(self, state: Mapping[str, Any], t_done: float) -> None:
+        listener = self.timing_listener
+        exposure_ms = state.get("exposure_ms")
+        if listener is None or not isinstance(exposure_ms, int | float):
+            return
+        interval_ms = state.get("frame_interval_ms")
+        try:
+            listener(float(interval_ms) if isinstance(interval_ms, int | float) else None, float(exposure_ms), t_done)
+        except Exception:  # noqa: BLE001 - the action is done; a listener's failure must not undo it
+            log.exception("passing the new timing to the stages failed")
 
     def act(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Answer a control channel ``act`` request (the JSON object, ``command`` included).

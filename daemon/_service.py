@@ -106,6 +106,7 @@ class Daemon:
                 self.router.add_sink("rules", self.rules, RULES_QUEUE_MESSAGES, "drop")
             self.runner = Runner(config, source, self.router, self.metrics, offload)
             self.actions.acquisition = self.runner
+            self.actions.timing_listener = self.runner.pipeline.change_timing
             if serve_control:
                 self._security = ControlSecurity(config.control, self._ctx)
                 self._closables.append(ControlServer(

@@ -328,3 +328,58 @@ def test_stop_always_wins(make_config: Callable[..., ScopestreamConfig], daemons
     assert not reply["ok"] and "stop always wins" in reply["error"]
     assert d.wait(10)
     client.close()
+
+
+def test_rate_switch_reaches_the_diffusion_stage(make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]) -> None:
+    """set_interval 5 -> 20 ms mid-run: the diffusion stage's D after the switch uses the new Δt
+    (with the old one, 4x the truth). Truth: RanW, D = 0.5 µm²/s. Rolling CVE estimates from
+    windows wholly after the switch: their mean must lie within 4 standard errors (plus 10 % for
+    tracking and respawn effects) of the truth; a stale Δt would be off by a factor 4."""
+    d_true = 0.5
+    d = Daemon(make_config(
+        "stages=[localize,track,diffusion]", "simulation.frame_height_px=64", "simulation.frame_width_px=64",
+        "simulation.n_particles=6", "simulation.particle_kind=point", "simulation.states=[RanW]",
+        f"simulation.D_um2_per_s={d_true}", "simulation.photons_per_frame=4000", "acquisition.exposure_ms=1",
+        "acquisition.frame_interval_ms=5", "diffusion.method=cve", "diffusion.window_frames=30",
+        "diffusion.change_points=false", "track.max_displacement_px=8", "metrics.enabled=false",
+    ))
+    daemons.append(d)
+    assert d.events_endpoint and d.control_endpoint
+    sub = Subscriber(d.events_endpoint, ["diffusion", "track"])
+    d.start()
+    assert sub.wait_ready()
+    client = ControlClient(d.control_endpoint)
+    t_frames: dict[int, float] = {}
+    rows: list[tuple[int, str, float, float]] = []  # frame_start, window, D, D_err
+
+    def collect(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            m = sub.recv(0.2)
+            if m is None:
+                continue
+            if m.topic == "track" and m.header.frame_seq is not None:
+                t_frames[m.header.frame_seq] = m.header.t_acquired or 0.0
+            elif m.topic == "diffusion":
+                windows = m.body["labels"]["window"]
+                for fs, w, dv, de in zip(m.arrays["frame_start"], m.arrays["window"], m.arrays["D_um2_per_s"],
+                                         m.arrays["D_err_um2_per_s"], strict=True):
+                    rows.append((int(fs), windows[int(w)], float(dv), float(de)))
+
+    collect(1.0)
+    reply = act(client, action="set_interval", frame_interval_ms=20.0)
+    assert reply["ok"], reply
+    t_switch = reply["t_done"]
+    collect(5.0)
+    d.close()
+    first_new = min(f for f, t in t_frames.items() if t >= t_switch + 0.001 + 0.001)
+    after = np.array([(dv, de) for fs, w, dv, de in rows if w == "rolling" and fs >= first_new
+                      and np.isfinite(dv) and np.isfinite(de) and de > 0])
+    assert len(after) >= 20, len(after)
+    # Rolling windows of 30 frames every 15 frames: neighbours share half their steps, so about
+    # half the rows are independent; the standard error of their mean follows from their spread.
+    mean = float(np.mean(after[:, 0]))
+    se = float(np.std(after[:, 0], ddof=1)) / np.sqrt(len(after) / 2.0)
+    assert abs(mean - d_true) <= 4 * se + 0.1 * d_true, (mean, se, len(after))
+    client.close()
+    sub.close()
