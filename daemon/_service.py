@@ -129,6 +129,7 @@ class Daemon:
         return self._closables[0].endpoint if self._closables else None
 
     def _publish_action(self, body: ActionBody, trigger: Trigger) -> None:
+        self.metrics.observe_action(body)
         self.router.publish("action", body, frame_seq=trigger.frame_seq, t_acquired=trigger.t_acquired)
 
     def _rule_context(self) -> FieldOfView | None:

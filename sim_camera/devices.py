@@ -24,6 +24,10 @@ Devices
     sits at world z = the stage position, and a particle at defocus dz is imaged with a PSF of
     sigma0 sqrt(1 + (dz / z_R)²) (widefield; ``simulation.psf_rayleigh_nm``) or excited less
     (scanning, the axial excitation profile). Travel ±100 µm (a piezo objective drive).
+:class:`SimulatedShutter`
+    The excitation shutter (open when loaded). The cameras follow it: while it is closed their
+    frames are dark (camera offset, background and noise, no particle photons; truth photons 0)
+    and the scene carries on.
 :class:`SimulatedXYStage`
     An XY stage (travel ±10 mm, reported in the properties ``TravelXMinUm`` ... ``TravelYMaxUm``). Moving it moves the field of view over the simulated sample: the camera follows
     every ``XYStagePositionChanged`` event of its core (from this stage or any other XY stage the
@@ -96,7 +100,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
-from pymmcore_plus.experimental.unicore import CameraDevice, StageDevice, XYStageDevice
+from pymmcore_plus.experimental.unicore import (
+    CameraDevice,
+    ShutterDevice,
+    StageDevice,
+    XYStageDevice,
+)
 
 from scopestream.daemon._config import ConfigError, build_config
 from scopestream.sim_camera._scanning import ScanningSimulator
@@ -111,6 +120,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SimulatedCameraFailure",
     "SimulatedScanningCamera",
+    "SimulatedShutter",
     "SimulatedWidefieldCamera",
     "SimulatedXYStage",
     "SimulatedZStage",
@@ -121,6 +131,9 @@ logger = logging.getLogger(__name__)
 
 _SECTIONS = ("simulation", "optics", "camera", "acquisition")
 _RESYNC_AFTER_S = 1.0  # further behind than this, restart the deadlines instead of bursting
+# The property a SimulatedShutter announces its state with (propertyChanged): the cameras listen
+# for this name only, so no other device's property is taken for the shutter.
+SHUTTER_PROPERTY = "ScopestreamShutterOpen"
 
 
 # Every simulated camera object by its DeviceId; weak, so an unloaded device goes away.
@@ -172,6 +185,7 @@ class _SimulatedCamera(CameraDevice):
         self._stage_moves: deque[tuple[float, float, float]] = deque(maxlen=256)
         self._stage_before_moves = (0.0, 0.0)  # where the stage was before the oldest of them
         self._focus_um = 0.0
+        self._shutter_open = True
         self.truth_queue: deque[tuple[int, np.ndarray]] = deque(maxlen=self.truth_queue_frames)
         self._sections: dict[str, Any] = {}
         self._simulator: WidefieldSimulator | ScanningSimulator = self._build({})
@@ -213,6 +227,7 @@ class _SimulatedCamera(CameraDevice):
             simulator = WidefieldSimulator(physics, self._seed)
         simulator.set_stage_position_nm(self._stage_um[0] * 1000.0, self._stage_um[1] * 1000.0)
         simulator.set_focus_nm(self._focus_um * 1000.0)
+        simulator.shutter_open = self._shutter_open
         return simulator
 
     def _rebuild(self, sections: Mapping[str, Any]) -> None:
@@ -281,11 +296,13 @@ class _SimulatedCamera(CameraDevice):
         signal = self.core.events.XYStagePositionChanged
         cast("Any", signal).connect(self._on_stage_moved)
         cast("Any", self.core.events.stagePositionChanged).connect(self._on_focus_moved)
+        cast("Any", self.core.events.propertyChanged).connect(self._on_property_changed)
 
     def shutdown(self) -> None:
         """Stop following the stages."""
         for signal, slot in ((self.core.events.XYStagePositionChanged, self._on_stage_moved),
-                             (self.core.events.stagePositionChanged, self._on_focus_moved)):
+                             (self.core.events.stagePositionChanged, self._on_focus_moved),
+                             (self.core.events.propertyChanged, self._on_property_changed)):
             try:
                 cast("Any", signal).disconnect(slot)
             except Exception:  # noqa: BLE001 - not connected, or the core is already gone
@@ -297,6 +314,13 @@ class _SimulatedCamera(CameraDevice):
         self._focus_um = float(z_um)
         with self._sim_lock:
             self._simulator.set_focus_nm(float(z_um) * 1000.0)
+
+    def _on_property_changed(self, label: str, name: str, value: object) -> None:
+        if name != SHUTTER_PROPERTY:
+            return
+        self._shutter_open = str(value) == "1"
+        with self._sim_lock:
+            self._simulator.shutter_open = self._shutter_open
 
     def _on_stage_moved(self, label: str, x_um: float, y_um: float) -> None:
         self._stage_um = (float(x_um), float(y_um))
@@ -365,6 +389,8 @@ class _SimulatedCamera(CameraDevice):
                 else:
                     _, truth = simulator.next_frame(buffer)
                 frame = simulator.frame_index - 1
+                if not simulator.shutter_open:
+                    truth["photons"] = 0.0  # the particles are there, but send no light
                 metadata = self._metadata(simulator, frame, start_ms, truth, stage_x_um, stage_y_um)
                 self.truth_queue.append((frame, truth))
             delay = deadline - time.perf_counter()
@@ -507,6 +533,31 @@ class SimulatedXYStage(XYStageDevice):
     def set_origin_y(self) -> None:
         """Not supported."""
         raise NotImplementedError("SimulatedXYStage cannot zero its origin")
+
+
+class SimulatedShutter(ShutterDevice):
+    """The excitation shutter of the simulated cameras: closed, their frames are dark (camera
+    offset, background and noise; no particle photons, truth ``photons`` 0) while the scene
+    carries on. Open when loaded (the light is on), so a configuration without a shutter and
+    one with it image the same. The cameras follow its ``ScopestreamShutterOpen`` property."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._open = True
+        self.register_property(SHUTTER_PROPERTY, default_value="1", property_type=str, is_read_only=True,
+                               getter=type(self)._get_state)
+
+    def _get_state(self) -> str:
+        return "1" if self._open else "0"
+
+    def get_open(self) -> bool:
+        """True when the light reaches the sample."""
+        return self._open
+
+    def set_open(self, open: bool) -> None:
+        """Open or close; the cameras' next frame shows it."""
+        self._open = bool(open)
+        self.core.events.propertyChanged.emit(self.get_label(), SHUTTER_PROPERTY, self._get_state())
 
 
 class SimulatedZStage(StageDevice):

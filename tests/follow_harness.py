@@ -42,7 +42,9 @@ def scene(state: str, value: float, frame_interval_ms: float = 10.0, size_px: in
         f"simulation.{key}={value}", "simulation.photons_per_frame=3000", "simulation.margin_nm=300",
         "simulation.flow_persistence_length_um=50",
         f"acquisition.exposure_ms={exposure_ms}", f"acquisition.frame_interval_ms={frame_interval_ms}",  # short exposure: no streaks
-        "track.max_displacement_px=8", "limits.move_xy.max_rate_hz=1000",
+        # The tracker must link the particle before the follower has caught it (then it barely moves).
+        f"track.max_displacement_px={max(8.0, 1.5 * value * frame_interval_ms / 100.0) if state == 'Flow' else 8.0:g}",
+        "limits.move_xy.max_rate_hz=1000",
     ]
 
 
