@@ -47,6 +47,7 @@ class FollowerState:
     velocity_sq: tuple[float, float] = (0.0, 0.0)  # running mean of squared samples (noise)
     velocity_lead_um_per_s: tuple[float, float] = (0.0, 0.0)  # faster average: what the lead uses
     missing: int = 0
+    velocity_samples: int = 0  # since the particle was (re)acquired
 
 
 class ParticleFollower:
@@ -75,7 +76,9 @@ class ParticleFollower:
         Events without the followed particle before the nearest one to the centre is taken.
     reassociate_px
         When the followed track ends (a big move breaks the tracker's link), a row this close to
-        where the particle should appear is taken as the same particle.
+        where the particle should appear is taken as the same particle. Until its velocity is
+        known (3 samples) the particle may be anywhere its unknown motion took it: then a
+        quarter of the field.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class ParticleFollower:
         self.lead_alpha = lead_smoothing
         self.reacquire_after = reacquire_after
         self.reassociate_px = reassociate_px
+        self.field_px = min(width_px, height_px)
         self.state = FollowerState()
 
     def moved(self, dx_um: float, dy_um: float, t_done: float, stage_um: tuple[float, float], round_trip_s: float = 0.0) -> None:
@@ -149,7 +153,8 @@ class ParticleFollower:
             ey = self.centre_px[1] + (st.last_world[2] + st.velocity_um_per_s[1] * dt - seen_stage[1]) / self.px_um
             d2 = (x - ex) ** 2 + (y - ey) ** 2
             j = int(np.argmin(d2))
-            if d2[j] <= self.reassociate_px**2:
+            radius = self.reassociate_px if st.velocity_samples >= 3 else max(self.reassociate_px, self.field_px / 4.0)
+            if d2[j] <= radius**2:
                 st.particle = int(particles[j])
                 hit = np.array([j])
         if hit.size == 0:
@@ -159,6 +164,7 @@ class ParticleFollower:
             i = int(np.argmin((x - self.centre_px[0]) ** 2 + (y - self.centre_px[1]) ** 2))
             st.particle, st.missing, st.last_world = int(particles[i]), 0, None
             st.velocity_um_per_s = st.velocity_sq = st.velocity_lead_um_per_s = (0.0, 0.0)
+            st.velocity_samples = 0
         else:
             i, st.missing = int(hit[0]), 0
         # +1 µm of stage moves the content by -1/px_um px, so the particle sits at stage + offset.
@@ -170,6 +176,7 @@ class ParticleFollower:
             a = self.alpha
             st.velocity_um_per_s = ((1 - a) * st.velocity_um_per_s[0] + a * vx, (1 - a) * st.velocity_um_per_s[1] + a * vy)
             st.velocity_sq = ((1 - a) * st.velocity_sq[0] + a * vx * vx, (1 - a) * st.velocity_sq[1] + a * vy * vy)
+            st.velocity_samples += 1
             b = self.lead_alpha
             lead_v = st.velocity_lead_um_per_s
             st.velocity_lead_um_per_s = ((1 - b) * lead_v[0] + b * vx, (1 - b) * lead_v[1] + b * vy)
