@@ -136,7 +136,12 @@ class Daemon:
         desc = self.runner.source_description
         if desc is None:
             return None
-        return FieldOfView(desc.width_px, desc.height_px, self.config.optics.pixel_size_nm)
+        context = self.runner.pipeline.context  # its timing follows rate switches
+        acq = self.config.acquisition
+        interval_ms = context.frame_interval_ms if context is not None else max(acq.frame_interval_ms, acq.exposure_ms)
+        exposure_ms = context.exposure_ms if context is not None else acq.exposure_ms
+        return FieldOfView(desc.width_px, desc.height_px, self.config.optics.pixel_size_nm, interval_ms / 1000.0,
+                           exposure_ms / 1000.0, self.actions.xy_position_at)
 
     def _welcome(self, prefix: str) -> None:
         self.router.publish("welcome", WelcomeBody(subscription=prefix, run_id=self.run_id))

@@ -4,6 +4,8 @@ simulated camera's truth queue says where the particle really was in every frame
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import sys
 import threading
 import time
@@ -12,12 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from scopestream.daemon._config import load_config
 from scopestream.daemon._service import Daemon
+from scopestream.daemon.client import Subscriber
 from scopestream.sim_camera.devices import simulated_device
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "examples"
 SIZE_PX = 64
 
 
@@ -77,13 +82,9 @@ def distances_from_centre(truths: list[tuple[int, np.ndarray]], skip_frames: int
 def run_following(overrides: list[str], frames: int, follower: str = "client", lead_frames: float | None = None) -> dict[str, Any]:
     """Run the daemon with a follower for ``frames`` frames; returns the truth distances and counts."""
     rules = []
-    if follower == "rule":
-        rules = [
-            "rules=[{name: follow, when: {topic: track, condition: {any_row: {field: x, op: '>=', value: 0}}}, "
-            "pick: nearest_centre, cooldown_s: 0.015, do: {action: move_xy, "
-            "x_um: {mul: [{sub: [{field: x}, {context: centre_x_px}]}, {context: pixel_size_um}, 0.8]}, "
-            "y_um: {mul: [{sub: [{field: y}, {context: centre_y_px}]}, {context: pixel_size_um}, 0.8]}}}]"
-        ]
+    if follower == "rule":  # deploy/examples/follow_particle.yaml's rule
+        example = yaml.safe_load((DEPLOY / "follow_particle.yaml").read_text())
+        rules = ["rules=" + json.dumps(example["rules"])]
     config = load_config(None, [*overrides, *rules, f"source.frames_limit={frames}"])
     if follower == "rule":
         config = load_config(None, [*overrides, *rules, f"source.frames_limit={frames}", "events.wait_for_subscriber_s=0"])
@@ -101,12 +102,29 @@ def run_following(overrides: list[str], frames: int, follower: str = "client", l
             thread.start()
             daemon.start()
         else:
+            assert daemon.events_endpoint
+            actions = Subscriber(daemon.events_endpoint, ["action"])
             daemon.start()
+            actions.wait_ready()
             thread = None
         camera = simulated_device(daemon.runner._source._core)  # type: ignore[attr-defined]
+        bodies: list[dict[str, Any]] = []
         while not daemon.wait(0.2):
             truths.extend(camera.pop_truth())
+            while follower == "rule" and (m := actions.recv(0)) is not None:
+                bodies.append(m.body)
         truths.extend(camera.pop_truth())
+        if follower == "rule":
+            while (m := actions.recv(0.2)) is not None:
+                bodies.append(m.body)
+            actions.close()
+            acq = config.acquisition
+            period_s, exposure_s = max(acq.frame_interval_ms, acq.exposure_ms) / 1000, acq.exposure_ms / 1000
+            result["loop_frames"] = {
+                b["trigger_frame_seq"]: max(1, math.ceil((b["t_done"] - b["t_acquired"] + exposure_s) / period_s))
+                for b in bodies if b["ok"] and b["trigger_frame_seq"] is not None and b["t_acquired"] is not None
+            }
+            result["moves"] = len(result["loop_frames"])
         if thread is not None:
             thread.join(15)
     finally:

@@ -75,6 +75,18 @@ def test_follower_keeps_a_flowing_particle_within_2px() -> None:
     assert d[served].max() <= 2.0, (summary(d), np.flatnonzero((d > 2.0) & served))
 
 
+def test_follow_rule_keeps_a_flowing_particle_within_2px() -> None:
+    """deploy/examples/follow_particle.yaml's rule (in the daemon; sample position from the
+    frame's stage position, velocity feed-forward from its rate): Flow 500 nm per frame stays
+    within 2 px in every frame the loop served, for 500 frames."""
+    result = run_following(scene("Flow", 50.0), 500, follower="rule")
+    d, served = result["distances_px"], result["served"]
+    assert d.size >= 460 and result["frames_dropped"] == 0
+    assert np.isfinite(d).all() and d.max() < 16.0, summary(d)
+    assert served.mean() >= 0.9, served.mean()
+    assert d[served].max() <= 2.0, (summary(d), np.flatnonzero((d > 2.0) & served))
+
+
 def test_javascript_client_decodes_events_and_acts(make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]) -> None:
     node = shutil.which("node")
     if node is None or not (JS / "node_modules" / "zeromq").is_dir():
