@@ -103,6 +103,7 @@ class Pipeline:
         self.context: RunContext | None = None
         # Timing changes not yet delivered: (t_effective, frame_interval_ms, exposure_ms).
         self._timing: list[tuple[float, float, float]] = []
+        self._interval_ms: float | None = None  # the camera's interval after the latest change
 
     # -- life cycle ----------------------------------------------------------------------
     def setup(self, context: RunContext) -> None:
@@ -128,15 +129,16 @@ class Pipeline:
         the larger of interval and exposure. Returns the new (frame period, exposure), ms.
         """
         with self._lock:
+            acq = self.config.acquisition
             if self._timing:
-                _, interval_ms, old_exposure_ms = self._timing[-1]
+                old_exposure_ms = self._timing[-1][2]
             elif self.context is not None:
-                interval_ms, old_exposure_ms = self.context.frame_interval_ms, self.context.exposure_ms
+                old_exposure_ms = self.context.exposure_ms
             else:
-                acq = self.config.acquisition
-                interval_ms, old_exposure_ms = acq.frame_interval_ms, acq.exposure_ms
+                old_exposure_ms = acq.exposure_ms
             if frame_interval_ms is not None:
-                interval_ms = frame_interval_ms
+                self._interval_ms = float(frame_interval_ms)
+            interval_ms = self._interval_ms if self._interval_ms is not None else acq.frame_interval_ms
             period_ms = max(float(interval_ms), float(exposure_ms))
             # A frame whose exposure began before the change was made with the old timing.
             self._timing.append((t_done + old_exposure_ms / 1000.0, period_ms, float(exposure_ms)))
