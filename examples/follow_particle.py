@@ -15,6 +15,8 @@ How it works, per ``track`` event:
    frame is the first whose exposure starts after the move is done: now plus the measured
    round trip of an ``act``. So the lead is the loop delay as it is, usually one frame
    period, two when the reply comes after the next exposure began (``lead_frames`` fixes it).
+   A turning path bends the prediction by the averaged acceleration. Both only on a velocity
+   that stands out of its noise: a random walk is not predicted.
 
 Each move is an ``act`` request with the triggering event (topic, seq, frame, acquisition time), so
 the daemon's ``action`` events carry the frame -> action latency of the client.
@@ -46,6 +48,9 @@ class FollowerState:
     velocity_um_per_s: tuple[float, float] = (0.0, 0.0)
     velocity_sq: tuple[float, float] = (0.0, 0.0)  # running mean of squared samples (noise)
     velocity_lead_um_per_s: tuple[float, float] = (0.0, 0.0)  # faster average: what the lead uses
+    last_sample: tuple[float, float, float] | None = None  # (dt_s, vx, vy) of the latest velocity sample
+    acceleration: tuple[float, float] = (0.0, 0.0)  # µm/s², averaged
+    last_dt_s: float = 0.0
     missing: int = 0
     velocity_samples: int = 0  # since the particle was (re)acquired
 
@@ -72,6 +77,9 @@ class ParticleFollower:
     lead_smoothing
         Weight of a new sample in the fast average the lead uses: it must follow a curving
         path (a slow average lags a turn by (1 - w) / w frames and the lead misses by that).
+    acceleration_smoothing
+        Weight of a new sample in the average of the acceleration (from successive velocity
+        samples) that bends the prediction on a turning path.
     reacquire_after
         Events without the followed particle before the nearest one to the centre is taken.
     reassociate_px
@@ -91,6 +99,7 @@ class ParticleFollower:
         lead_frames: float | None = None,
         velocity_smoothing: float = 0.1,
         lead_smoothing: float = 0.5,
+        acceleration_smoothing: float = 0.5,
         reacquire_after: int = 5,
         reassociate_px: float = 6.0,
     ) -> None:
@@ -102,6 +111,7 @@ class ParticleFollower:
         self.act_s = 0.0  # running estimate of an act's round trip, s (the largest of recent ones)
         self.alpha = velocity_smoothing
         self.lead_alpha = lead_smoothing
+        self.accel_alpha = acceleration_smoothing
         self.reacquire_after = reacquire_after
         self.reassociate_px = reassociate_px
         self.field_px = min(width_px, height_px)
@@ -163,7 +173,8 @@ class ParticleFollower:
                 return None
             i = int(np.argmin((x - self.centre_px[0]) ** 2 + (y - self.centre_px[1]) ** 2))
             st.particle, st.missing, st.last_world = int(particles[i]), 0, None
-            st.velocity_um_per_s = st.velocity_sq = st.velocity_lead_um_per_s = (0.0, 0.0)
+            st.velocity_um_per_s = st.velocity_sq = st.velocity_lead_um_per_s = st.acceleration = (0.0, 0.0)
+            st.last_sample = None
             st.velocity_samples = 0
         else:
             i, st.missing = int(hit[0]), 0
@@ -180,6 +191,13 @@ class ParticleFollower:
             b = self.lead_alpha
             lead_v = st.velocity_lead_um_per_s
             st.velocity_lead_um_per_s = ((1 - b) * lead_v[0] + b * vx, (1 - b) * lead_v[1] + b * vy)
+            if st.last_sample is not None:  # velocity samples are at mid-interval: half of each dt apart
+                gap = 0.5 * (dt + st.last_sample[0])
+                ax, ay = (vx - st.last_sample[1]) / gap, (vy - st.last_sample[2]) / gap
+                c = self.accel_alpha
+                st.acceleration = ((1 - c) * st.acceleration[0] + c * ax, (1 - c) * st.acceleration[1] + c * ay)
+            st.last_sample = (dt, vx, vy)
+            st.last_dt_s = dt
         st.last_world = (t_acq, wx, wy)
         lead_s = self.lead_s(t_acq, time.time() if now is None else now)
         # Lead only on a velocity that stands out of its own noise (the slow average's squared
@@ -189,8 +207,14 @@ class ParticleFollower:
         for mean, sq in zip(st.velocity_um_per_s, st.velocity_sq, strict=True):
             signal += mean * mean
             noise += max(sq - mean * mean, 0.0) * self.alpha / (2.0 - self.alpha)
-        v = st.velocity_lead_um_per_s if signal > 9.0 * noise else (0.0, 0.0)
-        target = (wx + v[0] * lead_s, wy + v[1] * lead_s)
+        if signal > 9.0 * noise:
+            v, acc = st.velocity_lead_um_per_s, st.acceleration
+        else:
+            v, acc = (0.0, 0.0), (0.0, 0.0)
+        # The velocity sample belongs to the middle of the last interval: from there to the
+        # target time is dt / 2 + lead; a turning path bends the prediction by the acceleration.
+        bend = 0.5 * ((0.5 * st.last_dt_s + lead_s) ** 2 - (0.5 * st.last_dt_s) ** 2)
+        target = (wx + v[0] * lead_s + acc[0] * bend, wy + v[1] * lead_s + acc[1] * bend)
         return target[0] - st.stage_um[0], target[1] - st.stage_um[1]
 
 
