@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     )
     from scopestream.daemon._stage import (
         Emission,
+        FollowsTiming,
         Offload,
         ReportsCounters,
         RunContext,
@@ -68,6 +69,7 @@ _EXPORTS: dict[str, str] = {
     "Stage": "scopestream.daemon._stage",
     "StagePlugin": "scopestream.daemon._stage",
     "TakesSettings": "scopestream.daemon._stage",
+    "FollowsTiming": "scopestream.daemon._stage",
     "TearsDown": "scopestream.daemon._stage",
     "installed_stage_plugins": "scopestream.daemon._stage",
     "load_stage_plugin": "scopestream.daemon._stage",
@@ -93,6 +95,7 @@ __all__ = [
     "Stage",
     "StagePlugin",
     "TakesSettings",
+    "FollowsTiming",
     "TearsDown",
     "TrackUpdate",
     "TrackWindow",

@@ -25,6 +25,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, runtime_checkable
@@ -431,7 +432,10 @@ class MicroManagerActuators:
         core = self._core
         camera = self._device("set_exposure", core.getCameraDevice())
         core.setExposure(camera, exposure_ms)
-        return {"device": camera, "exposure_ms": float(core.getExposure())}
+        state = {"device": camera, "exposure_ms": float(core.getExposure())}
+        if core.hasProperty(camera, FRAME_INTERVAL_PROPERTY):
+            state["frame_interval_ms"] = float(core.getProperty(camera, FRAME_INTERVAL_PROPERTY))
+        return state
 
     def set_interval(self, frame_interval_ms: float) -> dict[str, Any]:
         core = self._core
@@ -548,6 +552,11 @@ class ActionService:
         self._lock = threading.Lock()
         self._last_call: dict[str, float] = {}
         self.stop_requested = threading.Event()
+        # Told of every done set_exposure / set_interval: (frame_interval_ms or None, exposure_ms,
+        # t_done); the engine passes the new timing to the stages (FollowsTiming).
+        self.timing_listener: Callable[[float | None, float, float], object] | None = None
+        # Done XY moves, (t_done, x_um, y_um, from_x_um, from_y_um): where the stage was when.
+        self._xy_moves: deque[tuple[float, float, float, float, float]] = deque(maxlen=1024)
         self.counts: dict[str, int] = {"done": 0, "refused": 0, "failed": 0}
 
     def execute(
@@ -585,12 +594,46 @@ class ActionService:
                 self.counts["failed"] += 1
                 log.warning("%s", error)
         t_done = time.time()
+        if error is None and state is not None and request.action in ("set_exposure", "set_interval"):
+            self._timing_changed(state, t_done)
         body = _action_body(request, origin, requested_by, trigger, state, error, t_matched, t_called, t_done)
         try:
             self._publish(body, trigger)
         except Exception:  # noqa: BLE001 - the action happened; a failed publish must not hide it
             log.exception("publishing an action event failed")
         return ActionResult(ok=error is None, state=state, error=error, t_done=t_done, body=body)
+
+    def _log_xy(self, state: dict[str, Any], from_x_um: float, from_y_um: float) -> dict[str, Any]:
+        # Stamped when the stage reports done (under the service's lock, right after the call).
+        x, y = state.get("x_um"), state.get("y_um")
+        if isinstance(x, int | float) and isinstance(y, int | float):
+            self._xy_moves.append((time.time(), float(x), float(y), from_x_um, from_y_um))
+        return state
+
+    def xy_position_at(self, t: float) -> tuple[float, float] | None:
+        """Where the XY stage was at Unix time ``t``, from the moves done through this service
+        (the current position when none was done yet); None without an XY stage."""
+        moves = list(self._xy_moves)
+        for t_done, x, y, _, _ in reversed(moves):
+            if t_done <= t:
+                return x, y
+        if moves:
+            return moves[0][3], moves[0][4]
+        try:
+            return self._actuators.xy_position_um()
+        except Exception:  # noqa: BLE001 - no XY stage (or it failed): unknown
+            return None
+
+    def _timing_changed(self, state: Mapping[str, Any], t_done: float) -> None:
+        listener = self.timing_listener
+        exposure_ms = state.get("exposure_ms")
+        if listener is None or not isinstance(exposure_ms, int | float):
+            return
+        interval_ms = state.get("frame_interval_ms")
+        try:
+            listener(float(interval_ms) if isinstance(interval_ms, int | float) else None, float(exposure_ms), t_done)
+        except Exception:  # noqa: BLE001 - the action is done; a listener's failure must not undo it
+            log.exception("passing the new timing to the stages failed")
 
     def act(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Answer a control channel ``act`` request (the JSON object, ``command`` included).
@@ -682,7 +725,7 @@ class ActionService:
             box_y = lim.move_xy.travel_y_um or (own[1] if own else (-DEFAULT_TRAVEL_UM, DEFAULT_TRAVEL_UM))
             _check_travel("move_xy", "travel_x_um", x, box_x, lim.move_xy.travel_x_um is None)
             _check_travel("move_xy", "travel_y_um", y, box_y, lim.move_xy.travel_y_um is None)
-            return lambda: a.move_xy(x, y)
+            return lambda: self._log_xy(a.move_xy(x, y), x0, y0)
         if action == "move_z":
             z0 = a.z_position_um()
             z = z0 + request.z_um if request.relative else request.z_um

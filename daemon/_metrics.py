@@ -96,6 +96,16 @@ class Metrics:
         self.queue_depth = Gauge("scopestream_queue_depth_frames", "Frames waiting in the bus.", registry=r)
         self.state = Gauge("scopestream_runner_state", "1 for the runner's current state.", ["state"], registry=r)
         self.subscriptions = Gauge("scopestream_event_subscriptions", "Topic subscriptions currently open on the event socket.", registry=r)
+        self.actions = Counter(
+            "scopestream_actions", "Actuator actions (act from clients, rule firings), by action, result "
+            "(done, refused: never reached the actuator, failed: the actuator raised) and origin (client, rule).",
+            ["action", "result", "origin"], registry=r,
+        )
+        self.action_latency = Histogram(
+            "scopestream_action_latency_seconds", "Latencies of done actions: span acquired_to_called (the "
+            "triggering frame acquired -> actuator called), acquired_to_done, called_to_done (the actuator itself).",
+            ["action", "origin", "span"], buckets=_LATENCY_BUCKETS_S, registry=r,
+        )
         self._server: Any = None
         self._lock = threading.Lock()
 
@@ -108,6 +118,18 @@ class Metrics:
 
     def watch_sinks(self, read: Callable[[], Sequence[SinkStats]]) -> None:
         self.registry.register(_SinkCollector(read))
+
+    def observe_action(self, body: Any) -> None:
+        """Count one action (an ``ActionBody``) and observe its latencies."""
+        result = "done" if body.ok else ("refused" if body.t_called is None else "failed")
+        self.actions.labels(body.action, result, body.origin).inc()
+        if not body.ok:
+            return
+        spans = (("acquired_to_called", body.acquired_to_called_ms), ("acquired_to_done", body.acquired_to_done_ms),
+                 ("called_to_done", body.actuator_ms))
+        for span, ms in spans:
+            if ms is not None:
+                self.action_latency.labels(body.action, body.origin, span).observe(max(0.0, ms / 1000.0))
 
     def set_state(self, state: str, states: Iterable[str]) -> None:
         for s in states:

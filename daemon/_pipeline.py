@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pydantic import BaseModel
 
@@ -26,6 +26,7 @@ from scopestream.daemon._products import Products
 from scopestream.daemon._publish import EventRouter
 from scopestream.daemon._stage import (
     Emission,
+    FollowsTiming,
     ReportsCounters,
     RunContext,
     Stage,
@@ -87,6 +88,7 @@ class Pipeline:
             check_products(config.stages, plugins)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        self.config = config
         self.plugins = {name: plugins[name] for name in config.stages}
         self.stages: list[Stage] = [
             build_stage(plugins[name], config, config.stage_settings(name)) for name in config.stages
@@ -99,6 +101,9 @@ class Pipeline:
         self._lock = threading.Lock()
         self._pending: list[tuple[Stage, SettingsChange]] = []
         self.context: RunContext | None = None
+        # Timing changes not yet delivered: (t_effective, frame_interval_ms, exposure_ms).
+        self._timing: list[tuple[float, float, float]] = []
+        self._interval_ms: float | None = None  # the camera's interval after the latest change
 
     # -- life cycle ----------------------------------------------------------------------
     def setup(self, context: RunContext) -> None:
@@ -116,8 +121,51 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001 - any failure is the stage's, named as such
                 raise StageSetupError(f"stage {stage.name!r} could not set up: {type(exc).__name__}: {exc}") from exc
 
+    def change_timing(self, frame_interval_ms: float | None, exposure_ms: float, t_done: float) -> tuple[float, float]:
+        """The camera's timing changed at ``t_done`` (Unix s): deliver it to the
+        :class:`FollowsTiming` stages before the first frame acquired with it (thread-safe).
+
+        ``frame_interval_ms`` None keeps the interval; the frame period given to the stages is
+        the larger of interval and exposure. Returns the new (frame period, exposure), ms.
+        """
+        with self._lock:
+            acq = self.config.acquisition
+            if self._timing:
+                old_exposure_ms = self._timing[-1][2]
+            elif self.context is not None:
+                old_exposure_ms = self.context.exposure_ms
+            else:
+                old_exposure_ms = acq.exposure_ms
+            if frame_interval_ms is not None:
+                self._interval_ms = float(frame_interval_ms)
+            interval_ms = self._interval_ms if self._interval_ms is not None else acq.frame_interval_ms
+            period_ms = max(float(interval_ms), float(exposure_ms))
+            # A frame whose exposure began before the change was made with the old timing.
+            self._timing.append((t_done + old_exposure_ms / 1000.0, period_ms, float(exposure_ms)))
+        return period_ms, float(exposure_ms)
+
+    def _deliver_timing(self, frame: Frame) -> None:
+        with self._lock:
+            due = [t for t in self._timing if frame.t_acquired >= t[0]]
+            self._timing = [t for t in self._timing if frame.t_acquired < t[0]]
+        for _, period_ms, exposure_ms in due:
+            if self.context is None:
+                continue
+            self.context = replace(self.context, frame_interval_ms=period_ms, exposure_ms=exposure_ms)
+            for stage in self.stages:
+                if not isinstance(stage, FollowsTiming):
+                    continue
+                try:
+                    emissions = stage.timing_changed(self.context)
+                except Exception as exc:  # noqa: BLE001 - reported; the stage keeps its old timing
+                    self.report(stage.name, exc, frame, what="timing_changed")
+                    continue
+                self.publish(stage.name, emissions, frame)
+
     def process(self, frame: Frame) -> None:
         """Run every stage on ``frame``, publishing what each returns; never raises for a stage."""
+        if self._timing:
+            self._deliver_timing(frame)
         products = self._products
         products.clear()
         for stage in self.stages:

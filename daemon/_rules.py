@@ -32,8 +32,15 @@ Conditions (each a one-key mapping, except comparisons):
 Values (in conditions and action parameters): a literal; ``{field: F}`` (the picked row's
 column, else the body field); ``{initial: F}`` (the first value of body field F this rule saw);
 ``{context: C}`` with C one of ``centre_x_px, centre_y_px, width_px, height_px, pixel_size_um,
-pixel_size_nm``; arithmetic ``{add: [V, ...]}``, ``{sub: [V, V]}``, ``{mul: [V, ...]}``,
-``{div: [V, V]}``.
+pixel_size_nm``, ``frame_interval_s`` (the frame period now, after any rate switch),
+``frame_stage_x_um`` / ``frame_stage_y_um`` (where the XY stage was when the triggering frame's
+exposure began: the stage position the event's pixel positions are relative to); arithmetic
+``{add: [V, ...]}``, ``{sub: [V, V]}``, ``{mul: [V, ...]}``, ``{div: [V, V]}``; and
+``{rate: V, key: F, smoothing: W}``: how fast V changes, per second, between this rule's
+successive firings (per value of the picked row's field F, e.g. per particle), from the events'
+acquisition times, exponentially averaged with weight W of a new sample (default 1: none); 0 the
+first time a key is seen. With the frame-stage context it gives a particle's velocity in the
+sample, for velocity feed-forward (``deploy/examples/follow_particle.yaml``).
 
 Rules run in the daemon as their own sink (:class:`RulesSink`), on their own thread fed by a
 small queue: never on the camera path. A rule fires at most once per matching event, not again
@@ -79,7 +86,8 @@ ROW_COLUMNS: dict[str, tuple[str, ...]] = {
                   "D_crlb_um2_per_s", "sigma_loc_nm", "method", "window"),
 }
 
-CONTEXT_NAMES = ("centre_x_px", "centre_y_px", "width_px", "height_px", "pixel_size_um", "pixel_size_nm")
+CONTEXT_NAMES = ("centre_x_px", "centre_y_px", "width_px", "height_px", "pixel_size_um", "pixel_size_nm",
+                 "frame_interval_s", "frame_stage_x_um", "frame_stage_y_um")
 
 
 class _Node(BaseModel):
@@ -98,13 +106,23 @@ class InitialRef(_Node):
 
 
 class ContextRef(_Node):
-    context: Literal["centre_x_px", "centre_y_px", "width_px", "height_px", "pixel_size_um", "pixel_size_nm"] = Field(
-        description="A property of the run: the image centre (px, ((width - 1) / 2, (height - 1) / 2)), size, pixel size."
+    context: Literal[
+        "centre_x_px", "centre_y_px", "width_px", "height_px", "pixel_size_um", "pixel_size_nm",
+        "frame_interval_s", "frame_stage_x_um", "frame_stage_y_um",
+    ] = Field(
+        description="A property of the run: the image centre (px, ((width - 1) / 2, (height - 1) / 2)), size, pixel "
+        "size, the frame period (s, after any rate switch), the XY stage position when the triggering frame's exposure began (µm)."
     )
 
 
 class Add(_Node):
     add: list[Value] = Field(min_length=2)
+
+
+class Rate(_Node):
+    rate: Value = Field(description="The value whose rate of change (per second) is taken.")
+    key: str | None = Field(None, description="Per value of this field of the picked row (e.g. particle); None: one series.")
+    smoothing: float = Field(1.0, gt=0, le=1, description="Weight of a new sample in the exponential average (1: none).")
 
 
 class Sub(_Node):
@@ -119,7 +137,7 @@ class Div(_Node):
     div: tuple[Value, Value]
 
 
-_VALUE_KEYS = ("field", "initial", "context", "add", "sub", "mul", "div")
+_VALUE_KEYS = ("field", "initial", "context", "rate", "add", "sub", "mul", "div")
 
 
 def _one_key_tag(keys: Sequence[str], fallback: str) -> Callable[[Any], str | None]:
@@ -145,6 +163,7 @@ Value = Annotated[
     | Annotated[FieldRef, Tag("field")]
     | Annotated[InitialRef, Tag("initial")]
     | Annotated[ContextRef, Tag("context")]
+    | Annotated[Rate, Tag("rate")]
     | Annotated[Add, Tag("add")]
     | Annotated[Sub, Tag("sub")]
     | Annotated[Mul, Tag("mul")]
@@ -212,7 +231,7 @@ Condition = Annotated[
     ),
 ]
 
-for _model in (Add, Sub, Mul, Div, Compare, AllOf, AnyOf, Not, Changed, AnyRow, AllRows):
+for _model in (Rate, Add, Sub, Mul, Div, Compare, AllOf, AnyOf, Not, Changed, AnyRow, AllRows):
     _model.model_rebuild()
 
 
@@ -379,6 +398,10 @@ class _Scope:
             self.field(value.field, path, in_rows, action_params)
         elif isinstance(value, InitialRef):
             self.field(value.initial, path, in_rows=False)
+        elif isinstance(value, Rate):
+            self.value(value.rate, f"{path}.rate", in_rows, action_params)
+            if value.key is not None:
+                self.field(value.key, f"{path}.key", in_rows, action_params)
         elif isinstance(value, Add | Mul):
             for j, v in enumerate(value.add if isinstance(value, Add) else value.mul):
                 self.value(v, f"{path}[{j}]", in_rows, action_params)
@@ -422,11 +445,25 @@ class _Scope:
 
 @dataclass(frozen=True, slots=True)
 class FieldOfView:
-    """What ``{context: ...}`` values read."""
+    """What ``{context: ...}`` values read.
+
+    ``stage_xy_at(t)`` gives the XY stage position at Unix time t (None when unknown);
+    ``frame_stage_*`` is it at the triggering frame's exposure start, ``exposure_s`` before its
+    ``t_acquired``.
+    """
 
     width_px: int
     height_px: int
     pixel_size_nm: float
+    frame_interval_s: float | None = None
+    exposure_s: float = 0.0
+    stage_xy_at: Callable[[float], tuple[float, float] | None] | None = field(default=None, compare=False)
+
+    def stage_at_frame(self, t_acquired: float | None) -> tuple[float, float] | None:
+        """The stage position the frame acquired at ``t_acquired`` shows."""
+        if t_acquired is None or self.stage_xy_at is None:
+            return None
+        return self.stage_xy_at(t_acquired - self.exposure_s)
 
     def get(self, name: str) -> float:
         if name == "centre_x_px":
@@ -435,7 +472,10 @@ class FieldOfView:
             return (self.height_px - 1) / 2.0
         if name == "pixel_size_um":
             return self.pixel_size_nm / 1000.0
-        return float(getattr(self, name))
+        value = getattr(self, name)
+        if value is None:
+            raise _Missing(name)
+        return float(value)
 
 
 class _Missing(Exception):
@@ -454,6 +494,7 @@ class _Event:
     arrays: Mapping[str, np.ndarray]
     n_rows: int
     context: FieldOfView | None
+    t_acquired: float | None = None
 
 
 def _get_body(body: BaseModel, name: str) -> Any:
@@ -476,6 +517,7 @@ class RuleState:
         self.last_fired: float | None = None
         self.initial: dict[str, Any] = {}
         self.previous: dict[int, Any] = {}  # id(Changed node) -> value or {key: value}
+        self.rates: dict[tuple[int, Any], tuple[float, float, float]] = {}  # (id(Rate), key) -> (t, value, rate)
         self.errors = 0
 
     def _initials(self) -> Iterator[str]:
@@ -516,7 +558,14 @@ class RuleState:
         if isinstance(node, ContextRef):
             if ev.context is None:
                 raise _Missing(node.context)
+            if node.context in ("frame_stage_x_um", "frame_stage_y_um"):
+                position = ev.context.stage_at_frame(ev.t_acquired)
+                if position is None:
+                    raise _Missing(node.context)
+                return position[0 if node.context == "frame_stage_x_um" else 1]
             return ev.context.get(node.context)
+        if isinstance(node, Rate):
+            return self._rate(node, ev, rows, row)
         if isinstance(node, Add):
             out = self.value(node.add[0], ev, rows, row)
             for v in node.add[1:]:
@@ -534,6 +583,27 @@ class RuleState:
             with np.errstate(divide="ignore", invalid="ignore"):
                 return self.value(node.div[0], ev, rows, row) / den
         return node
+
+    def _rate(self, node: Rate, ev: _Event, rows: bool, row: int | None) -> float:
+        if ev.t_acquired is None:
+            raise _Missing("rate (the event has no acquisition time)")
+        current = float(self.value(node.rate, ev, rows, row))
+        key = None if node.key is None else self.value(FieldRef(field=node.key), ev, rows, row)
+        if isinstance(key, np.generic):
+            key = key.item()
+        slot = (id(node), key)
+        previous = self.rates.get(slot)
+        rate = 0.0
+        if previous is not None and ev.t_acquired > previous[0]:
+            sample = (current - previous[1]) / (ev.t_acquired - previous[0])
+            rate = node.smoothing * sample + (1.0 - node.smoothing) * previous[2]
+        elif previous is not None:
+            rate = previous[2]
+        if len(self.rates) > 4096:  # keys (particles) come and go: forget the oldest
+            for old in list(self.rates)[:1024]:
+                del self.rates[old]
+        self.rates[slot] = (ev.t_acquired, current, rate)
+        return rate
 
     # conditions ---------------------------------------------------------------------------
     def condition(self, node: Any, ev: _Event, rows: bool) -> Any:
@@ -655,8 +725,12 @@ class RuleEngine:
         self.topics = frozenset(r.when.topic for r in active)
         self._context = context
 
-    def evaluate(self, topic: str, body: BaseModel, arrays: Mapping[str, np.ndarray], now: float | None = None) -> list[RuleFiring]:
-        """The firings this event causes, in order (stop first). Updates cooldowns and counts."""
+    def evaluate(
+        self, topic: str, body: BaseModel, arrays: Mapping[str, np.ndarray], now: float | None = None,
+        t_acquired: float | None = None,
+    ) -> list[RuleFiring]:
+        """The firings this event causes, in order (stop first). Updates cooldowns and counts.
+        ``t_acquired``: the triggering frame's acquisition time (rates, frame-stage context)."""
         now = time.monotonic() if now is None else now
         # When the rules matched, on the wall clock, read with the cooldown's clock: firings are
         # then at least cooldown_s apart in t_matched too (a later read per rule added the
@@ -673,7 +747,7 @@ class RuleEngine:
             for column, names in labels.items():
                 if column in arrays:
                     arrays[column] = np.asarray(names, dtype=object)[np.asarray(arrays[column], dtype=np.intp)]
-        ev = _Event(body, arrays, n_rows, self._context())
+        ev = _Event(body, arrays, n_rows, self._context(), t_acquired)
         firings = []
         for st in self.states:
             rule = st.rule
@@ -800,7 +874,7 @@ class RulesSink:
         if self._service.stopping():
             return  # stop always wins: nothing fires after it
         trigger = Trigger(env.topic, env.seq, env.frame_seq, env.t_acquired)
-        for firing in self.engine.evaluate(env.topic, env.body, env.arrays):
+        for firing in self.engine.evaluate(env.topic, env.body, env.arrays, t_acquired=env.t_acquired):
             self.counters.firings += 1
             self.counters.by_rule[firing.rule] = self.counters.by_rule.get(firing.rule, 0) + 1
             if firing.request is None:

@@ -106,6 +106,7 @@ class Daemon:
                 self.router.add_sink("rules", self.rules, RULES_QUEUE_MESSAGES, "drop")
             self.runner = Runner(config, source, self.router, self.metrics, offload)
             self.actions.acquisition = self.runner
+            self.actions.timing_listener = self.runner.pipeline.change_timing
             if serve_control:
                 self._security = ControlSecurity(config.control, self._ctx)
                 self._closables.append(ControlServer(
@@ -128,13 +129,19 @@ class Daemon:
         return self._closables[0].endpoint if self._closables else None
 
     def _publish_action(self, body: ActionBody, trigger: Trigger) -> None:
+        self.metrics.observe_action(body)
         self.router.publish("action", body, frame_seq=trigger.frame_seq, t_acquired=trigger.t_acquired)
 
     def _rule_context(self) -> FieldOfView | None:
         desc = self.runner.source_description
         if desc is None:
             return None
-        return FieldOfView(desc.width_px, desc.height_px, self.config.optics.pixel_size_nm)
+        context = self.runner.pipeline.context  # its timing follows rate switches
+        acq = self.config.acquisition
+        interval_ms = context.frame_interval_ms if context is not None else max(acq.frame_interval_ms, acq.exposure_ms)
+        exposure_ms = context.exposure_ms if context is not None else acq.exposure_ms
+        return FieldOfView(desc.width_px, desc.height_px, self.config.optics.pixel_size_nm, interval_ms / 1000.0,
+                           exposure_ms / 1000.0, self.actions.xy_position_at)
 
     def _welcome(self, prefix: str) -> None:
         self.router.publish("welcome", WelcomeBody(subscription=prefix, run_id=self.run_id))

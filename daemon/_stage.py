@@ -9,6 +9,7 @@ stores what it produces, in a typed :class:`~scopestream.daemon.Products` store.
 
 Optional roles are separate protocols, checked with ``isinstance``: :class:`TearsDown` (flush at
 the end of a run), :class:`TakesSettings` (settings changed over the control channel),
+:class:`FollowsTiming` (the frame interval or exposure changed mid-run: a rate switch),
 :class:`ReportsCounters` (running totals exported as metrics).
 
 Slow work (MUSICAL windows, networks) goes off the stage thread through ``context.offload``
@@ -131,7 +132,9 @@ class RunContext:
     pixel_size_nm
         Sample-plane pixel size (``optics.pixel_size_nm``).
     frame_interval_ms, exposure_ms
-        Timing of the acquisition (``acquisition.*``).
+        Timing of the acquisition (``acquisition.*``; the frame period is the larger of the two).
+        A ``set_interval`` or ``set_exposure`` action changes them mid-run: stages that use them
+        take the role :class:`FollowsTiming`.
     camera, optics
         The configuration sections.
     source
@@ -192,6 +195,23 @@ class TakesSettings(Protocol):
 
     def apply_settings(self, settings: Any) -> None:
         """Use new settings from the next frame on."""
+        ...
+
+
+@runtime_checkable
+class FollowsTiming(Protocol):
+    """A stage whose work depends on the frame interval or exposure (e.g. D in µm²/s).
+
+    When an ``act`` (``set_interval``, ``set_exposure``) changes the acquisition's timing, the
+    engine calls ``timing_changed`` on the stage thread, between frames, before the first frame
+    acquired with the new timing: the first whose exposure began after the action was done
+    (``t_acquired >= t_done + the old exposure``). ``context`` is the run's context with the new
+    ``frame_interval_ms`` (the new frame period) and ``exposure_ms``. The stage returns what it
+    has to publish under the old timing (e.g. estimates of tracks cut at the switch).
+    """
+
+    def timing_changed(self, context: RunContext) -> Sequence[Emission]:
+        """Use ``context.frame_interval_ms`` and ``context.exposure_ms`` from the next frame on."""
         ...
 
 

@@ -776,6 +776,20 @@ class DiffusionStage:
         if self._settings.method == "network":
             self._network = _NetworkWindows(self._settings, self._estimator, context)
 
+    def timing_changed(self, context: RunContext) -> Sequence[Emission]:
+        """A rate switch (or a new exposure): steps before and after it have different Δt (and
+        blur), so no estimate may mix them. The open tracks are closed here with the old timing
+        (whole-track estimates and last segments, as at the end of a run) and the tracks go on
+        as new ones, estimated with the new frame interval and exposure."""
+        est, changes = self._estimator.finish()
+        acq = self._config.acquisition.model_copy(
+            update={"frame_interval_ms": context.frame_interval_ms, "exposure_ms": context.exposure_ms}
+        )
+        self._config = self._config.model_copy(update={"acquisition": acq})
+        self._estimator = DiffusionEstimator(self._estimator.settings, self._config)
+        seq, t = self._last_frame if self._last_frame is not None else (0, None)
+        return self._emissions(est, changes, seq, t)
+
     def process(self, frame: Frame, products: Products) -> Sequence[Emission]:
         """Add this frame's track positions; emit what completed."""
         upd = products.require(TrackUpdate, self.name)

@@ -29,6 +29,9 @@ class SimulatedCamera:
         Scene time at which the next frame starts, ms.
     last_saturated_px : int
         Pixels clipped at the saturation level in the last frame.
+    shutter_open : bool
+        False: the excitation light is shut, frames are dark (camera offset, background and
+        noise; no particle signal) while the scene carries on. Default True.
     """
 
     kind = ""
@@ -43,6 +46,7 @@ class SimulatedCamera:
         self.next_frame_start_ms = 0.0
         self.last_saturated_px = 0
         self.focus_nm = 0.0
+        self.shutter_open = True
 
     def set_stage_position_nm(self, x_nm: float, y_nm: float) -> None:
         """Move the field of view: its top-left corner goes to world (x_nm, y_nm).
@@ -107,6 +111,8 @@ class SimulatedCamera:
         """As :meth:`_finish_frame`, with the signal given at flat pixel ``index`` only (a pixel
         may appear more than once; its photons add up)."""
         image = out if out is not None else np.empty(self.shape, dtype=np.uint16)
+        if not self.shutter_open:  # shut: no particle photons reach the camera
+            index, photons = index[:0], photons[:0]
         self.last_saturated_px = self.noise.render(image, index, photons)
         self.frame_index += 1
         self.next_frame_start_ms = t0_ms + self.frame_period_ms

@@ -13,7 +13,10 @@ Devices
 :class:`SimulatedWidefieldCamera`, :class:`SimulatedScanningCamera`
     Cameras that pace themselves: frame ``i`` of a sequence is delivered at ``start + (i + 1) *
     period`` (absolute deadlines, no drift; the period is the frame interval, at least the
-    exposure; for the scanning camera the frame scan time). The scene carries on across sequences
+    exposure; for the scanning camera the frame scan time). A frame is made at the start of its
+    exposure, ``exposure`` before its delivery, with the stage position of that moment, so a
+    stage move shows in the first frame whose exposure starts after it (one frame of loop delay,
+    as on a real camera with instantaneous readout). The scene carries on across sequences
     and snaps; simulation time advances one frame period per frame whatever the wall clock does.
 :class:`SimulatedZStage`
     A focus (Z) stage. The cameras follow every ``stagePositionChanged`` event of their core
@@ -21,6 +24,10 @@ Devices
     sits at world z = the stage position, and a particle at defocus dz is imaged with a PSF of
     sigma0 sqrt(1 + (dz / z_R)²) (widefield; ``simulation.psf_rayleigh_nm``) or excited less
     (scanning, the axial excitation profile). Travel ±100 µm (a piezo objective drive).
+:class:`SimulatedShutter`
+    The excitation shutter (open when loaded). The cameras follow it: while it is closed their
+    frames are dark (camera offset, background and noise, no particle photons; truth photons 0)
+    and the scene carries on.
 :class:`SimulatedXYStage`
     An XY stage (travel ±10 mm, reported in the properties ``TravelXMinUm`` ... ``TravelYMaxUm``). Moving it moves the field of view over the simulated sample: the camera follows
     every ``XYStagePositionChanged`` event of its core (from this stage or any other XY stage the
@@ -67,7 +74,9 @@ Every frame's metadata carries these string-valued keys:
   ``scopestream_frame_period_ms``, ``scopestream_saturated_px``, ``scopestream_stage_x_um``,
   ``scopestream_stage_y_um``, ``scopestream_kind``, ``scopestream_seed``,
   ``scopestream_t_acquired_s`` (the camera's time stamp: the frame's scheduled delivery time,
-  Unix s; sequence acquisition only);
+  Unix s; sequence acquisition only), ``scopestream_t_exposed_s`` (when the frame was made, Unix
+  s: the start of its exposure, ``exposure_ms`` before delivery; the stage position then is the
+  one in the frame; sequence acquisition only);
 - scanning camera also ``scopestream_line_period_ms``, ``scopestream_dwell_us``,
   ``scopestream_retrace_ms`` (row r starts at ``frame_start + r * line_period``).
 
@@ -91,7 +100,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
-from pymmcore_plus.experimental.unicore import CameraDevice, StageDevice, XYStageDevice
+from pymmcore_plus.experimental.unicore import (
+    CameraDevice,
+    ShutterDevice,
+    StageDevice,
+    XYStageDevice,
+)
 
 from scopestream.daemon._config import ConfigError, build_config
 from scopestream.sim_camera._scanning import ScanningSimulator
@@ -106,6 +120,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SimulatedCameraFailure",
     "SimulatedScanningCamera",
+    "SimulatedShutter",
     "SimulatedWidefieldCamera",
     "SimulatedXYStage",
     "SimulatedZStage",
@@ -116,6 +131,9 @@ logger = logging.getLogger(__name__)
 
 _SECTIONS = ("simulation", "optics", "camera", "acquisition")
 _RESYNC_AFTER_S = 1.0  # further behind than this, restart the deadlines instead of bursting
+# The property a SimulatedShutter announces its state with (propertyChanged): the cameras listen
+# for this name only, so no other device's property is taken for the shutter.
+SHUTTER_PROPERTY = "ScopestreamShutterOpen"
 
 
 # Every simulated camera object by its DeviceId; weak, so an unloaded device goes away.
@@ -162,7 +180,12 @@ class _SimulatedCamera(CameraDevice):
         self._settings_json = "{}"
         self._seed = 0
         self._stage_um = (0.0, 0.0)
+        # (perf_counter s, x_um, y_um) of recent moves: a frame shows the stage where it was at
+        # the scheduled start of its exposure even when the camera's thread wakes late.
+        self._stage_moves: deque[tuple[float, float, float]] = deque(maxlen=256)
+        self._stage_before_moves = (0.0, 0.0)  # where the stage was before the oldest of them
         self._focus_um = 0.0
+        self._shutter_open = True
         self.truth_queue: deque[tuple[int, np.ndarray]] = deque(maxlen=self.truth_queue_frames)
         self._sections: dict[str, Any] = {}
         self._simulator: WidefieldSimulator | ScanningSimulator = self._build({})
@@ -204,6 +227,7 @@ class _SimulatedCamera(CameraDevice):
             simulator = WidefieldSimulator(physics, self._seed)
         simulator.set_stage_position_nm(self._stage_um[0] * 1000.0, self._stage_um[1] * 1000.0)
         simulator.set_focus_nm(self._focus_um * 1000.0)
+        simulator.shutter_open = self._shutter_open
         return simulator
 
     def _rebuild(self, sections: Mapping[str, Any]) -> None:
@@ -272,11 +296,13 @@ class _SimulatedCamera(CameraDevice):
         signal = self.core.events.XYStagePositionChanged
         cast("Any", signal).connect(self._on_stage_moved)
         cast("Any", self.core.events.stagePositionChanged).connect(self._on_focus_moved)
+        cast("Any", self.core.events.propertyChanged).connect(self._on_property_changed)
 
     def shutdown(self) -> None:
         """Stop following the stages."""
         for signal, slot in ((self.core.events.XYStagePositionChanged, self._on_stage_moved),
-                             (self.core.events.stagePositionChanged, self._on_focus_moved)):
+                             (self.core.events.stagePositionChanged, self._on_focus_moved),
+                             (self.core.events.propertyChanged, self._on_property_changed)):
             try:
                 cast("Any", signal).disconnect(slot)
             except Exception:  # noqa: BLE001 - not connected, or the core is already gone
@@ -289,9 +315,19 @@ class _SimulatedCamera(CameraDevice):
         with self._sim_lock:
             self._simulator.set_focus_nm(float(z_um) * 1000.0)
 
+    def _on_property_changed(self, label: str, name: str, value: object) -> None:
+        if name != SHUTTER_PROPERTY:
+            return
+        self._shutter_open = str(value) == "1"
+        with self._sim_lock:
+            self._simulator.shutter_open = self._shutter_open
+
     def _on_stage_moved(self, label: str, x_um: float, y_um: float) -> None:
         self._stage_um = (float(x_um), float(y_um))
         with self._sim_lock:
+            if len(self._stage_moves) == self._stage_moves.maxlen:
+                self._stage_before_moves = self._stage_moves[0][1:]
+            self._stage_moves.append((time.perf_counter(), float(x_um), float(y_um)))
             self._simulator.set_stage_position_nm(float(x_um) * 1000.0, float(y_um) * 1000.0)
 
     # -- camera API --------------------------------------------------------------------------
@@ -327,24 +363,50 @@ class _SimulatedCamera(CameraDevice):
         while n is None or produced < n:
             self._check_injected_failure()
             with self._sim_lock:
-                simulator = self._simulator
-                start_ms = simulator.next_frame_start_ms
-                stage_x_um, stage_y_um = self._stage_um
-                buffer = get_buffer(simulator.shape, np.uint16)
-                _, truth = simulator.next_frame(buffer)
-                frame = simulator.frame_index - 1
-                period_s = simulator.frame_period_ms / 1000.0
-                metadata = self._metadata(simulator, frame, start_ms, truth, stage_x_um, stage_y_um)
-                self.truth_queue.append((frame, truth))
+                period_s = self._simulator.frame_period_ms / 1000.0
+                exposure_s = self._simulator.exposure_ms / 1000.0
             deadline += period_s
-            delay = deadline - time.perf_counter()
+            # The frame is exposed during the last exposure_s before its delivery (readout is
+            # instantaneous here), so it is made then, with the stage where it is at the start
+            # of that exposure: a stage move done before it shows in this frame, one done later
+            # in the next. Making it a whole period ahead would add a frame of loop delay that
+            # no real camera has. (Rendering takes well under a millisecond at 64 x 64 px.)
+            delay = deadline - exposure_s - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
             elif delay < -_RESYNC_AFTER_S:
-                deadline = time.perf_counter()
+                deadline = time.perf_counter() + exposure_s
+            t_exposed = deadline - exposure_s
+            with self._sim_lock:
+                simulator = self._simulator
+                start_ms = simulator.next_frame_start_ms
+                stage_x_um, stage_y_um = self._stage_at(t_exposed)
+                buffer = get_buffer(simulator.shape, np.uint16)
+                if (stage_x_um, stage_y_um) != self._stage_um:  # moved since the exposure began
+                    simulator.set_stage_position_nm(stage_x_um * 1000.0, stage_y_um * 1000.0)
+                    _, truth = simulator.next_frame(buffer)
+                    simulator.set_stage_position_nm(self._stage_um[0] * 1000.0, self._stage_um[1] * 1000.0)
+                else:
+                    _, truth = simulator.next_frame(buffer)
+                frame = simulator.frame_index - 1
+                if not simulator.shutter_open:
+                    truth["photons"] = 0.0  # the particles are there, but send no light
+                metadata = self._metadata(simulator, frame, start_ms, truth, stage_x_um, stage_y_um)
+                self.truth_queue.append((frame, truth))
+            delay = deadline - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            metadata["scopestream_t_exposed_s"] = repr(t_exposed + clock_offset_s)
             metadata["scopestream_t_acquired_s"] = repr(deadline + clock_offset_s)
             produced += 1
             yield metadata
+
+    def _stage_at(self, t_perf_s: float) -> tuple[float, float]:
+        """The XY stage position at ``t_perf_s`` (perf_counter s); call with the lock held."""
+        for t, x, y in reversed(self._stage_moves):
+            if t <= t_perf_s:
+                return x, y
+        return self._stage_before_moves
 
     def _metadata(
         self,
@@ -471,6 +533,31 @@ class SimulatedXYStage(XYStageDevice):
     def set_origin_y(self) -> None:
         """Not supported."""
         raise NotImplementedError("SimulatedXYStage cannot zero its origin")
+
+
+class SimulatedShutter(ShutterDevice):
+    """The excitation shutter of the simulated cameras: closed, their frames are dark (camera
+    offset, background and noise; no particle photons, truth ``photons`` 0) while the scene
+    carries on. Open when loaded (the light is on), so a configuration without a shutter and
+    one with it image the same. The cameras follow its ``ScopestreamShutterOpen`` property."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._open = True
+        self.register_property(SHUTTER_PROPERTY, default_value="1", property_type=str, is_read_only=True,
+                               getter=type(self)._get_state)
+
+    def _get_state(self) -> str:
+        return "1" if self._open else "0"
+
+    def get_open(self) -> bool:
+        """True when the light reaches the sample."""
+        return self._open
+
+    def set_open(self, open: bool) -> None:
+        """Open or close; the cameras' next frame shows it."""
+        self._open = bool(open)
+        self.core.events.propertyChanged.emit(self.get_label(), SHUTTER_PROPERTY, self._get_state())
 
 
 class SimulatedZStage(StageDevice):

@@ -328,3 +328,157 @@ def test_stop_always_wins(make_config: Callable[..., ScopestreamConfig], daemons
     assert not reply["ok"] and "stop always wins" in reply["error"]
     assert d.wait(10)
     client.close()
+
+
+def test_rate_switch_reaches_the_diffusion_stage(make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]) -> None:
+    """set_interval 5 -> 20 ms mid-run: the diffusion stage's D after the switch uses the new Δt
+    (with the old one, 4x the truth). Truth: RanW, D = 0.5 µm²/s. Rolling CVE estimates from
+    windows wholly after the switch: their mean must lie within 4 standard errors (plus 10 % for
+    tracking and respawn effects) of the truth; a stale Δt would be off by a factor 4."""
+    d_true = 0.5
+    d = Daemon(make_config(
+        "stages=[localize,track,diffusion]", "simulation.frame_height_px=64", "simulation.frame_width_px=64",
+        "simulation.n_particles=6", "simulation.particle_kind=point", "simulation.states=[RanW]",
+        f"simulation.D_um2_per_s={d_true}", "simulation.photons_per_frame=4000", "acquisition.exposure_ms=1",
+        "acquisition.frame_interval_ms=5", "diffusion.method=cve", "diffusion.window_frames=30",
+        "diffusion.change_points=false", "track.max_displacement_px=8", "metrics.enabled=false",
+    ))
+    daemons.append(d)
+    assert d.events_endpoint and d.control_endpoint
+    sub = Subscriber(d.events_endpoint, ["diffusion", "track"])
+    d.start()
+    assert sub.wait_ready()
+    client = ControlClient(d.control_endpoint)
+    t_frames: dict[int, float] = {}
+    rows: list[tuple[int, str, float, float]] = []  # frame_start, window, D, D_err
+
+    def collect(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            m = sub.recv(0.2)
+            if m is None:
+                continue
+            if m.topic == "track" and m.header.frame_seq is not None:
+                t_frames[m.header.frame_seq] = m.header.t_acquired or 0.0
+            elif m.topic == "diffusion":
+                windows = m.body["labels"]["window"]
+                for fs, w, dv, de in zip(m.arrays["frame_start"], m.arrays["window"], m.arrays["D_um2_per_s"],
+                                         m.arrays["D_err_um2_per_s"], strict=True):
+                    rows.append((int(fs), windows[int(w)], float(dv), float(de)))
+
+    collect(1.0)
+    reply = act(client, action="set_interval", frame_interval_ms=20.0)
+    assert reply["ok"], reply
+    t_switch = reply["t_done"]
+    collect(5.0)
+    d.close()
+    first_new = min(f for f, t in t_frames.items() if t >= t_switch + 0.001 + 0.001)
+    after = np.array([(dv, de) for fs, w, dv, de in rows if w == "rolling" and fs >= first_new
+                      and np.isfinite(dv) and np.isfinite(de) and de > 0])
+    assert len(after) >= 20, len(after)
+    # Rolling windows of 30 frames every 15 frames: neighbours share half their steps, so about
+    # half the rows are independent; the standard error of their mean follows from their spread.
+    mean = float(np.mean(after[:, 0]))
+    se = float(np.std(after[:, 0], ddof=1)) / np.sqrt(len(after) / 2.0)
+    assert abs(mean - d_true) <= 4 * se + 0.1 * d_true, (mean, se, len(after))
+    client.close()
+    sub.close()
+
+
+def test_action_metrics_count_and_time_every_action(make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]) -> None:
+    """Real HTTP scrape: actions counted by action / result / origin, and the latency histogram's
+    counts and sums equal what the action events on the stream say."""
+    import re
+    import urllib.request
+
+    rule = ("rules=[{name: note, when: {topic: frame_stats}, max_firings: 2, "
+            "do: {action: mark, text: seen}}]")
+    d = Daemon(make_config(*STILL, "metrics.enabled=true", "limits.move_xy.max_step_um=5",
+                           "limits.move_xy.max_rate_hz=100000", rule))
+    daemons.append(d)
+    assert d.events_endpoint and d.control_endpoint and d.metrics_port
+    actions = Subscriber(d.events_endpoint, ["action"])
+    d.start()
+    assert actions.wait_ready()
+    client = ControlClient(d.control_endpoint)
+    for _ in range(3):
+        assert act(client, action="move_xy", x_um=0.1, y_um=0.0)["ok"]
+    assert not act(client, action="move_xy", x_um=50.0, y_um=0.0)["ok"]  # beyond max_step_um: refused
+    bodies = []
+    deadline = time.monotonic() + 10
+    while len(bodies) < 6 and time.monotonic() < deadline:
+        m = actions.recv(0.5)
+        if m is not None:
+            bodies.append(m.body)
+    assert len(bodies) == 6, [b["action"] for b in bodies]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5).read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        m2 = re.match(r"^(scopestream_action\w+)(\{[^}]*\})? ([-+0-9.eE]+)$", line)
+        if m2:
+            values[m2.group(1) + (m2.group(2) or "")] = float(m2.group(3))
+    assert values['scopestream_actions_total{action="move_xy",origin="client",result="done"}'] == 3
+    assert values['scopestream_actions_total{action="move_xy",origin="client",result="refused"}'] == 1
+    assert values['scopestream_actions_total{action="mark",origin="rule",result="done"}'] == 2
+    # The rule's marks answer frame_stats events: frame acquired -> called is timed, and the
+    # histogram holds exactly the latencies the action events carry.
+    marks = [b for b in bodies if b["action"] == "mark"]
+    key = 'scopestream_action_latency_seconds_{}{{action="mark",origin="rule",span="acquired_to_called"}}'
+    assert values[key.format("count")] == 2
+    assert values[key.format("sum")] == pytest.approx(sum(b["acquired_to_called_ms"] for b in marks) / 1000, rel=1e-6)
+    moves = [b for b in bodies if b["action"] == "move_xy" and b["ok"]]
+    key = 'scopestream_action_latency_seconds_{}{{action="move_xy",origin="client",span="called_to_done"}}'
+    assert values[key.format("count")] == 3
+    assert values[key.format("sum")] == pytest.approx(sum(b["actuator_ms"] for b in moves) / 1000, rel=1e-6)
+    # A client move with no triggering frame has no frame -> action span.
+    assert 'scopestream_action_latency_seconds_count{action="move_xy",origin="client",span="acquired_to_called"}' not in values
+    client.close()
+    actions.close()
+
+
+def test_simulated_shutter_darkens_the_frames(make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]) -> None:
+    """Shutter closed: no particle photons, so nothing to localize (8 bright stationary particles
+    before: each found in every frame), and the frame's mean falls to its background level
+    (open, the particles add 8 x 5000 photons over 4096 px); opened again, all 8 come back."""
+    d = Daemon(make_config(*STILL, "limits.shutter.max_rate_hz=100000"))
+    daemons.append(d)
+    assert d.events_endpoint and d.control_endpoint
+    sub = Subscriber(d.events_endpoint, ["localizations", "frame_stats"])
+    d.start()
+    assert sub.wait_ready()
+    client = ControlClient(d.control_endpoint)
+
+    def frames_after(t: float, n: int) -> tuple[list[int], list[float]]:
+        counts: list[int] = []
+        means: list[float] = []
+        deadline = time.monotonic() + 10
+        while (len(counts) < n or len(means) < n) and time.monotonic() < deadline:
+            m = sub.recv(0.5)
+            if m is None or (m.header.t_acquired or 0) <= t:
+                continue
+            if m.topic == "localizations" and len(counts) < n:
+                counts.append(len(m.arrays["x"]))
+            elif m.topic == "frame_stats" and len(means) < n:
+                means.append(m.body["mean_adu"] - m.body["background_adu"])
+        return counts, means
+
+    counts_open, excess_open = frames_after(time.time() + 0.05, 10)
+    assert min(counts_open) == 8, counts_open
+    reply = act(client, action="shutter", open=False)
+    assert reply["ok"] and reply["state"]["open"] is False, reply
+    camera = simulated_device(d.runner._source._core)  # type: ignore[attr-defined]
+    camera.pop_truth()
+    # A frame whose exposure began after the close (exposure 5 ms before its time stamp) is dark.
+    counts_shut, excess_shut = frames_after(reply["t_done"] + 0.005, 10)
+    assert max(counts_shut) == 0, counts_shut
+    # Open, the mean exceeds the background (a low percentile) by the particles' light; shut,
+    # only by the noise's skew: well under half the open excess.
+    assert np.median(excess_shut) < 0.5 * np.median(excess_open), (excess_open, excess_shut)
+    truth = [t for _, t in camera.pop_truth()]
+    assert len(truth) > 1 and all((t["photons"] == 0).all() for t in truth[1:])  # [0]: maybe made before the close
+    reply = act(client, action="shutter", open=True)
+    assert reply["ok"] and reply["state"]["open"] is True
+    counts_again, _ = frames_after(reply["t_done"] + 0.005, 10)
+    assert min(counts_again) == 8, counts_again
+    client.close()
+    sub.close()

@@ -25,30 +25,66 @@ from follow_harness import EXAMPLES, run_following, scene, summary  # noqa: E402
 JS = EXAMPLES / "js"
 
 
-def test_follower_keeps_a_random_walker_near_the_centre() -> None:
-    """RanW, D = 0.5 µm²/s, 10 ms frames, 100 nm px: one frame's step is 1 px RMS per axis. A move
-    shows two frames after the frame that asked for it (the simulated camera renders a frame one
-    period before delivering it), so even a perfect follower leaves the particle where two frames of
-    diffusion took it: radial RMS 2 px, and 2 px is exceeded in e^-1 = 37 % of frames. The bound:
-    never lost (within 16 px, a quarter of the field, in every frame) and RMS within 2.5x that
-    floor (the 2-core build machine adds scheduling delay to the loop)."""
-    result = run_following(scene("RanW", 0.5), 300)
-    s = summary(result["distances_px"])
-    assert s["frames"] >= 250
-    assert s["max_px"] < 16.0, s  # never lost (a lost particle leaves the field: inf)
-    assert s["rms_px"] < 5.0, s
-    assert result["moves"] > 100
+# Following against the truth. A move shows in the first frame whose exposure starts after it is
+# done: with a 10 ms period, 1 ms exposure and a loop of a few ms that is the next frame, the
+# shortest loop a camera allows. "Served" frames are those a move landed for in the gap before
+# them; a frame whose event came later than that (the loaded build machine stalls a thread for
+# tens of ms now and then) is not served, and shows one more frame of motion.
 
 
-@pytest.mark.xfail(reason="not reached yet: the follower loses a 5 px/frame Flow particle after ~100-200 frames "
-                   "(velocity lead vs. 2-frame loop delay); see the issue 12 note", strict=False)
-def test_follower_keeps_a_flowing_particle_in_view() -> None:
-    """Flow at 500 nm per 10 ms frame (50 µm/s = 5 px/frame): without the stage the particle crosses
-    the 64 px field in 13 frames; followed, it stays in view for the whole run."""
-    result = run_following(scene("Flow", 50.0), 300)
+def test_follower_keeps_a_random_walker_at_its_physical_limit() -> None:
+    """RanW, D = 0.5 µm²/s, 10 ms frames, 100 nm px. With a one-frame loop the true offset in a
+    frame is the diffusion since the frame the move was computed from: per axis Gaussian with
+    variance 2 D Δt = 1 px² (localization noise adds 0.003 px²), its length Rayleigh, so 2 px is
+    exceeded in exp(-2) = 13.5 % of frames: 2 px in 99 % of frames is out of reach at this D and
+    rate (see benchmarks/bench_follow.py). Bounds: 4 standard errors of a variance from 2 x 970
+    nearly independent samples (3.2 %); an unserved frame adds 1 px² more."""
+    result = run_following(scene("RanW", 0.5), 1000)
+    offsets, d, served = result["offsets_px"], result["distances_px"], result["served"]
+    assert d.size >= 960 and result["frames_dropped"] == 0
+    assert np.isfinite(d).all() and d.max() < 16.0, summary(d)  # never lost
+    assert served.mean() >= 0.9, served.mean()  # else the machine, not the follower, is measured
+    var_px2 = float(np.mean(offsets**2))
+    floor_px2 = 2 * 0.5 * 0.010 / 0.1**2  # 2 D Δt / px², one frame of loop delay
+    se = np.sqrt(2.0 / (2 * d.size))
+    assert floor_px2 * (1 - 4 * se) <= var_px2 <= floor_px2 * (1 + (1 - served.mean())) * (1 + 4 * se) + 0.01, var_px2
+    # The distance is Rayleigh with that variance: the share within 2 px follows.
+    expected = 1 - np.exp(-(2.0**2) / (2 * var_px2))
+    assert abs(np.mean(d <= 2.0) - expected) <= 4 * np.sqrt(expected * (1 - expected) / d.size), (np.mean(d <= 2.0), expected)
+
+
+def test_follower_keeps_a_slow_random_walker_within_2px() -> None:
+    """RanW, D = 0.1 µm²/s: per axis 0.2 px² per frame of loop delay, P(r > 2 px) = exp(-10) with
+    a one-frame loop, exp(-5) = 0.7 % even with two: 2 px holds in >= 99 % of 1000 frames."""
+    result = run_following(scene("RanW", 0.1), 1000)
     d = result["distances_px"]
-    assert np.isfinite(d).all(), summary(d)  # never lost
-    assert np.max(d) < 32.0, summary(d)  # always inside the field
+    assert d.size >= 960 and np.isfinite(d).all(), summary(d)
+    assert np.mean(d <= 2.0) >= 0.99, summary(d)
+
+
+def test_follower_keeps_a_flowing_particle_within_2px() -> None:
+    """Flow at 500 nm per 10 ms frame (50 µm/s = 5 px/frame; unfollowed it crosses the 64 px
+    field in 13 frames). The follower leads the stage by the track's velocity times the loop
+    delay, so the particle stays within 2 px of the centre in every frame the loop served, for
+    1000 frames; an unserved frame shows one frame of flow (5 px) and is not lost."""
+    result = run_following(scene("Flow", 50.0), 1000)
+    d, served = result["distances_px"], result["served"]
+    assert d.size >= 960 and result["frames_dropped"] == 0
+    assert np.isfinite(d).all() and d.max() < 16.0, summary(d)  # never lost
+    assert served.mean() >= 0.9, served.mean()
+    assert d[served].max() <= 2.0, (summary(d), np.flatnonzero((d > 2.0) & served))
+
+
+def test_follow_rule_keeps_a_flowing_particle_within_2px() -> None:
+    """deploy/examples/follow_particle.yaml's rule (in the daemon; sample position from the
+    frame's stage position, velocity feed-forward from its rate): Flow 500 nm per frame stays
+    within 2 px in every frame the loop served, for 500 frames."""
+    result = run_following(scene("Flow", 50.0), 500, follower="rule")
+    d, served = result["distances_px"], result["served"]
+    assert d.size >= 460 and result["frames_dropped"] == 0
+    assert np.isfinite(d).all() and d.max() < 16.0, summary(d)
+    assert served.mean() >= 0.9, served.mean()
+    assert d[served].max() <= 2.0, (summary(d), np.flatnonzero((d > 2.0) & served))
 
 
 def test_javascript_client_decodes_events_and_acts(make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]) -> None:
