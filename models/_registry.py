@@ -21,6 +21,7 @@ _FAMILIES: dict[str, str] = {
     "sran": "scopestream.models.motion.sran",
     "track_mlp": "scopestream.models.motion.track_mlp",
     "fused": "scopestream.models.motion.fused",
+    "locnet": "scopestream.models.localize.locnet",
 }
 
 
