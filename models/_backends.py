@@ -133,8 +133,10 @@ class TorchBackend:
         names = [t.name for t in self._folder.card.inputs]
         tensors = [torch.as_tensor(np.ascontiguousarray(inputs[n], dtype=np.float32), device=self._device) for n in names]
         with torch.inference_mode():
-            logits = self._model(*tensors)
-            probs = torch.softmax(logits, dim=1)
+            out = self._model(*tensors)
+            if isinstance(out, tuple | list):  # a network with several outputs returns them as the card names them
+                return {spec.name: t.float().cpu().numpy() for spec, t in zip(self._folder.card.outputs, out, strict=True)}
+            probs = torch.softmax(out, dim=1)  # a classifier returns logits
         return {self._folder.card.outputs[0].name: probs.float().cpu().numpy()}
 
 
