@@ -135,6 +135,16 @@ class NetworkLocalizer:
         ValueError
             If the frame has no finite pixel or is smaller than the network's input multiple.
         """
+        return self.localize_scored(image, frame_seq)[0]
+
+    def localize_scored(self, image: np.ndarray, frame_seq: int = 0) -> tuple[Localizations, np.ndarray]:
+        """As :meth:`localize`, with each localization's heat-map confidence (0-1).
+
+        Raises
+        ------
+        ValueError
+            If the frame has no finite pixel or is smaller than the network's input multiple.
+        """
         from scopestream.models.localize._inputs import decode, normalize_photons, pad_to_multiple
 
         s = self.settings
@@ -177,7 +187,7 @@ class NetworkLocalizer:
         if idx.size > s.max_spots:
             idx = idx[np.argsort(-d.confidence[idx], kind="stable")[: s.max_spots]]
             idx.sort()
-        return Localizations(
+        locs = Localizations(
             frame_seq=frame_seq,
             x=d.x_px[idx],
             y=d.y_px[idx],
@@ -192,6 +202,7 @@ class NetworkLocalizer:
                 "noise_scale": _noise_scale(photons, self._read_variance),
             },
         )
+        return locs, d.confidence[idx]
 
 
 def _noise_scale(photons: np.ndarray, read_variance: float) -> float:

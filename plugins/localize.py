@@ -19,6 +19,12 @@ Pipeline for one frame (all vectorized; no Python loop over pixels or spots):
      unbiased); it enters the reported uncertainty.
    - ``"radial_symmetry"``: Parthasarathy (2012), ~10x faster, slightly less precise;
      photons and background from the region (sum minus border median).
+   - ``"network"``: detection and localization together by a learned network
+     (:mod:`scopestream.plugins._loc_network`; shipped models for the scanning two-photon and the
+     widefield camera, ``scopestream train localize``): for scan-blurred and low-signal spots, where
+     the still-Gaussian model of the MLE fails. Steps 2 and 4 are the network's (heat-map maxima
+     above ``network_threshold``; the predicted standard error). Default with the simulated
+     scanning camera.
 4. Uncertainty: every localization reports ``uncertainty_px``, the Mortensen et al. (2010)
    bound for the MLE, ``sqrt(F sa^2/N [1 + int_0^1 ln t/(1 + t/tau) dt]^-1)``, evaluated at
    the fitted photons, background (+ read variance) and sigma.
