@@ -117,7 +117,7 @@ def scanning_protocol(n_images: int) -> None:
             t_cpu["network"] += time.process_time() - t
             dets["network"].append((loc.x, loc.y, conf))
             t = time.process_time()
-            f = trackpy.locate(img.astype(np.float64), 9, minmass=0, preprocess=True, engine="numba")
+            f = trackpy.locate(img.astype(np.float64), 7, minmass=0, preprocess=True, engine="numba")
             t_cpu["trackpy"] += time.process_time() - t
             dets["trackpy"].append((f["x"].to_numpy(), f["y"].to_numpy(), f["mass"].to_numpy()))
             t = time.process_time()

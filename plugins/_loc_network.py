@@ -5,7 +5,8 @@ the frame's median (their regions are then dropped), the frame is normalized
 (:func:`scopestream.models.localize._inputs.normalize_photons`) and padded at the bottom and right
 to a multiple of the network's input multiple (4 px; pixel coordinates do not change), and the
 model folder's network runs through an inference backend (ONNX Runtime on one CPU thread by
-default). Decoding: 3 x 3 maxima of the heat map at or above ``network_threshold``; position = cell
+default). Decoding: maxima of the heat map over the card's ``nms_cells`` square (3 or 5 cells) at or
+above ``network_threshold``; position = cell
 centre + predicted offset; ``uncertainty_px`` = the predicted standard error
 ``sqrt((sx^2 + sy^2) / 2)``. Photons and background come from the square region around each
 position (border median, background-subtracted sum), as for radial symmetry; ``sigma`` is the
@@ -101,6 +102,7 @@ class NetworkLocalizer:
         spec = self.folder.card.input_spec
         self.stride_px = int(spec.get("stride_px", 2))
         self.multiple_px = int(spec.get("input_multiple_px", 4))
+        self.nms_cells = int(spec.get("nms_cells", 3))
         self.camera_kind = str(spec.get("camera", "widefield"))
         self.sigma_px = float(sigma_px)
         self.roi_px = settings.roi_px if settings.roi_px is not None else _PHOTOMETRY_ROI_PX.get(self.camera_kind, 7)
@@ -164,7 +166,8 @@ class NetworkLocalizer:
         photons *= np.float32(self._photons_per_adu)
         x = pad_to_multiple(normalize_photons(photons, self._read_variance), self.multiple_px)
         out = self.run_network(x[None])
-        d = decode(out["heat"][0, 0], out["offset"][0], out["log_sigma"][0], self.stride_px, s.network_threshold, h, w)
+        d = decode(out["heat"][0, 0], out["offset"][0], out["log_sigma"][0], self.stride_px, s.network_threshold, h, w,
+                   self.nms_cells)
         n_cand = int(d.x_px.size)
         roi = min(self.roi_px, h, w)
         half = roi // 2

@@ -44,9 +44,9 @@ SCENE_RANGES: dict[str, dict[str, Any]] = {
     "scanning": {
         "background_photons_per_px": "log-uniform [1, 30]",
         "photons_per_frame": "per scene low log-uniform [150, 3000], high = 2 low; per particle uniform in [low, high]",
-        "D_um2_per_s": "per scene [0, Dmax], Dmax uniform [0.3, 8]; per particle uniform",
+        "D_um2_per_s": "per scene [0.7 Dc, 1.3 Dc], Dc log-uniform [0.05, 10]; per particle uniform",
         "states": "RanW (70 % of scenes) or all five states (30 %)",
-        "particle_kind": "point (60 %) or vesicle 100-300 nm with 10 fluorophores (40 %)",
+        "particle_kind": "point (70 %) or vesicle 100-300 nm with 10 fluorophores (30 %)",
         "scan_dwell_us": "uniform [1, 4]",
         "scan_retrace_ms": "uniform [0.5, 2]",
         "scan_sigma_xy_nm": "uniform [180, 220] (pixel 100 nm)",
@@ -69,17 +69,17 @@ def scene_settings(camera: str, rng: np.random.Generator, size_px: int) -> tuple
                          "dwell_ms": 1e9, "z_start_nm": 0.0}
     if camera == "scanning":
         low = float(math.exp(rng.uniform(math.log(150), math.log(3000))))
-        d_max = float(rng.uniform(0.3, 8.0))
+        d_centre = float(math.exp(rng.uniform(math.log(0.05), math.log(10.0))))
         s.update(
             background_photons_per_px=float(math.exp(rng.uniform(0.0, math.log(30.0)))),
             photons_per_frame=(low, 2 * low),
-            D_um2_per_s=(0.0, d_max),
+            D_um2_per_s=(0.7 * d_centre, 1.3 * d_centre),
             states=["RanW"] if rng.random() < 0.7 else ["Stat", "RanW", "RCir", "Circ", "Flow"],
             scan_dwell_us=float(rng.uniform(1.0, 4.0)),
             scan_retrace_ms=float(rng.uniform(0.5, 2.0)),
             scan_sigma_xy_nm=float(rng.uniform(180.0, 220.0)),
         )
-        if rng.random() < 0.6:
+        if rng.random() < 0.7:
             s["particle_kind"] = "point"
         else:
             s.update(particle_kind="vesicle", vesicle_diameter_nm=(100.0, 300.0))

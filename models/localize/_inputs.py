@@ -9,7 +9,7 @@ whatever the camera gain or background, with bright peaks compressed (asinh is l
 logarithmic beyond).
 
 Decoding (:func:`decode`): a cell is a detection where its heat is at least ``threshold`` and is
-the largest in its 3x3 neighbourhood (the non-maximum suppression of CenterNet); the position is
+the largest in its neighbourhood (3 x 3 cells; the scanning model's card asks for 5 x 5) (the non-maximum suppression of CenterNet); the position is
 the cell centre plus the predicted offset, the uncertainty ``sqrt((sx^2 + sy^2) / 2)`` from the
 predicted log-sigmas.
 """
@@ -39,14 +39,16 @@ def normalize_photons(photons: np.ndarray, read_variance: float = 0.0) -> np.nda
 
 
 def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
-    """``image`` (last two axes H, W) padded at the bottom and right to multiples of ``multiple``
-    by edge replication (nothing is added at the top left, so pixel coordinates are unchanged)."""
+    """A normalized ``image`` (last two axes H, W) padded at the bottom and right to multiples of
+    ``multiple`` with zeros -- the background level of a normalized frame, which is also what the
+    network's own zero padding shows it beyond every edge in training (nothing is added at the top
+    left, so pixel coordinates are unchanged)."""
     h, w = image.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
     if not ph and not pw:
         return image
     pad = [(0, 0)] * (image.ndim - 2) + [(0, ph), (0, pw)]
-    return np.pad(image, pad, mode="edge")
+    return np.pad(image, pad, mode="constant")
 
 
 def heat_targets(
@@ -97,14 +99,15 @@ class Decoded:
 
 def decode(
     heat: np.ndarray, offset: np.ndarray, log_sigma: np.ndarray, stride: int, threshold: float,
-    height_px: int | None = None, width_px: int | None = None,
+    height_px: int | None = None, width_px: int | None = None, nms_cells: int = 3,
 ) -> Decoded:
     """Detections from one frame's outputs: ``heat`` (hc, wc), ``offset`` and ``log_sigma`` (2, hc, wc).
 
-    Detections whose position falls outside ``height_px`` x ``width_px`` (the frame before
-    padding) are dropped.
+    A detection is a cell at or above ``threshold`` that is the largest in its ``nms_cells`` square
+    neighbourhood. Detections whose position falls outside ``height_px`` x ``width_px`` (the frame
+    before padding) are dropped.
     """
-    peaks = (heat >= threshold) & (heat >= maximum_filter(heat, size=3, mode="constant", cval=0.0))
+    peaks = (heat >= threshold) & (heat >= maximum_filter(heat, size=nms_cells, mode="constant", cval=0.0))
     i, j = np.nonzero(peaks)
     centre = (stride - 1) / 2.0
     x = j * stride + centre + offset[0, i, j].astype(np.float64)

@@ -61,6 +61,8 @@ class TrainSettings:
     batch_size: int = 64
     lr: float = 3e-3
     channels: int = 10
+    full_skip: bool = True
+    nms_cells: int = 3
     threshold: float = 0.5
     match_radius_px: float = 1.5
     threads: int = 1
@@ -159,7 +161,7 @@ def match(x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: np.ndarray, radius_p
 
 
 def evaluate(maps: tuple[np.ndarray, np.ndarray, np.ndarray], test: FrameSet, threshold: float,
-             radius_px: float) -> dict[str, Any]:
+             radius_px: float, nms_cells: int = 3) -> dict[str, Any]:
     """Detection and localization figures on a test set (see the module docstring)."""
     heat, off, logs = maps
     tp = fp = fn = 0
@@ -169,7 +171,7 @@ def evaluate(maps: tuple[np.ndarray, np.ndarray, np.ndarray], test: FrameSet, th
     found_snr: list[np.ndarray] = []
     size = test.images.shape[-1]
     for k in range(len(heat)):
-        d = decode(heat[k], off[k], logs[k], STRIDE_PX, threshold, size, size)
+        d = decode(heat[k], off[k], logs[k], STRIDE_PX, threshold, size, size, nms_cells)
         t = test.truth[k]
         i, j = match(d.x_px, d.y_px, t[:, 0], t[:, 1], radius_px)
         tp += len(i)
@@ -253,13 +255,13 @@ def _plot(curves: dict[str, list[float]], fig: dict[str, Any], test: FrameSet, m
         f.savefig(out / "calibration.png", dpi=90)
         plt.close(f)
         files.append("calibration.png")
-    f, axes = plt.subplots(2, 4, figsize=(12, 6.2))
+    f, axes = plt.subplots(2, 4, figsize=(12, 6.4), squeeze=False)
     heat, off, logs = maps
     size = test.images.shape[-1]
     for a, k in zip(axes.ravel(), range(8), strict=False):
         a.imshow(test.images[k], cmap="gray")
         t = test.truth[k]
-        d = decode(heat[k], off[k], logs[k], STRIDE_PX, settings.threshold, size, size)
+        d = decode(heat[k], off[k], logs[k], STRIDE_PX, settings.threshold, size, size, settings.nms_cells)
         a.plot(t[:, 0], t[:, 1], "o", mfc="none", mec="lime", ms=9)
         a.plot(d.x_px, d.y_px, "r+", ms=9)
         a.set_axis_off()
@@ -291,14 +293,14 @@ def export_model_folder(model: Any, settings: TrainSettings, folder: Path, card_
     card = ModelCard(
         name=MODEL_NAME, version=MODEL_VERSION,
         task=f"detection and sub-pixel localization of particles in {settings.camera} frames, with a confidence and an uncertainty",
-        architecture="locnet", architecture_config={"channels": settings.channels},
+        architecture="locnet", architecture_config={"channels": settings.channels, "full_skip": settings.full_skip},
         inputs=[TensorSpec(name="image", shape=[-1, 1, side, side])],
         outputs=[TensorSpec(name="heat", shape=[-1, 1, c, c]), TensorSpec(name="offset", shape=[-1, 2, c, c]),
                  TensorSpec(name="log_sigma", shape=[-1, 2, c, c])],
         input_spec={
             "camera": settings.camera, "normalization": "asinh((photons - median) / sqrt(max(median, 0) + read_variance + 1))",
             "stride_px": STRIDE_PX, "input_multiple_px": INPUT_MULTIPLE_PX, "dynamic_height_width": True,
-            "threshold": settings.threshold, "pixel_size_nm": 100.0, "scene_ranges": SCENE_RANGES[settings.camera],
+            "threshold": settings.threshold, "nms_cells": settings.nms_cells, "pixel_size_nm": 100.0, "scene_ranges": SCENE_RANGES[settings.camera],
             "snr_target": SNR_TARGET, "snr_ignore": SNR_IGNORE,
         },
         files=files, sha256={f: sha256_file(folder / f) for f in files.values()}, **card_extra,
@@ -333,7 +335,8 @@ def _model_card_md(card: ModelCard, figures_md: str, figure_files: list[str]) ->
 convolutional: any frame whose height and width are multiples of {card.input_spec['input_multiple_px']} (the stage
 pads other frames at the bottom and right). Input `image` (exported at {card.inputs[0].shape}, dynamic batch, height,
 width); outputs `heat` (confidence per 2 x 2 px cell), `offset` (x, y from the cell centre, px) and `log_sigma`
-(log standard error of x and y, px). Decoding: 3 x 3 maxima of `heat` at or above {card.input_spec['threshold']}.
+(log standard error of x and y, px). Decoding: maxima of `heat` over {card.input_spec['nms_cells']} x {card.input_spec['nms_cells']}
+cells at or above {card.input_spec['threshold']}.
 
 **Input.** {card.input_spec['normalization']} (`scopestream.models.localize._inputs.normalize_photons`).
 
@@ -375,7 +378,7 @@ def train_localize(settings: TrainSettings, log: Callable[[str], None] = print) 
     val = _simulate(settings, settings.val_frames, VAL_SEED_OFFSET + settings.seed, "validation")
     test = _simulate(settings, settings.test_frames, TEST_SEED_OFFSET + settings.seed, "test")
     t_data = time.perf_counter() - t0
-    model = create_model("locnet", channels=settings.channels)
+    model = create_model("locnet", channels=settings.channels, full_skip=settings.full_skip)
     n_params = sum(p.numel() for p in model.parameters())
     tensors = [torch.from_numpy(a) for a in (train.images[:, None], train.heat, train.offset, train.mask, train.weight)]
     vt = [torch.from_numpy(a) for a in (val.images[:, None], val.heat, val.offset, val.mask, val.weight)]
@@ -405,7 +408,7 @@ def train_localize(settings: TrainSettings, log: Callable[[str], None] = print) 
             model.eval()
             with torch.inference_mode():
                 vloss = float(losses(model, *vt)[0])
-            vfig = evaluate(predict(model, val.images), val, settings.threshold, settings.match_radius_px)
+            vfig = evaluate(predict(model, val.images), val, settings.threshold, settings.match_radius_px, settings.nms_cells)
             curves["train_loss"].append(total / len(train.images))
             curves["val_loss"].append(vloss)
             curves["val_recall"].append(vfig["recall"])
@@ -416,7 +419,7 @@ def train_localize(settings: TrainSettings, log: Callable[[str], None] = print) 
             bar.update(1)
     train_s = time.perf_counter() - t1
     maps = predict(model, test.images)
-    fig = evaluate(maps, test, settings.threshold, settings.match_radius_px)
+    fig = evaluate(maps, test, settings.threshold, settings.match_radius_px, settings.nms_cells)
     pngs = _plot(curves, fig, test, maps, settings, out)
     total_s = time.perf_counter() - t0
     public = {k: v for k, v in fig.items() if not k.startswith("_")}

@@ -32,6 +32,9 @@ def add_localize_parser(sub: Any) -> None:
     m.add_argument("--batch-size", type=int, default=64)
     m.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle schedule)")
     m.add_argument("--channels", type=int, default=10, help="feature maps at full resolution (default 10)")
+    m.add_argument("--no-full-skip", action="store_true", help="no full-resolution skip into the head (the smaller 41k network)")
+    m.add_argument("--nms-cells", type=int, default=None,
+                   help="decoding neighbourhood, cells (odd; default 5 for scanning: blurred spots, 3 for widefield: dense spots)")
     m.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
     m.set_defaults(func=_cmd_train_localize)
@@ -43,6 +46,9 @@ def _cmd_train_localize(args: argparse.Namespace) -> int:
                              ("--channels", args.channels, 1), ("--threads", args.threads, 1), ("--size", args.size_px, 16)):
         if value < low:
             raise InputError(f"{name} must be at least {low}, got {value}")
+    nms = args.nms_cells if args.nms_cells is not None else (5 if args.camera == "scanning" else 3)
+    if nms < 1 or nms % 2 == 0:
+        raise InputError(f"--nms-cells must be a positive odd number, got {nms}")
     if args.size_px % 4:
         raise InputError(f"--size must be a multiple of 4 (the network's input multiple), got {args.size_px}")
     try:
@@ -59,7 +65,8 @@ def _cmd_train_localize(args: argparse.Namespace) -> int:
     settings = TrainSettings(
         camera=args.camera, out=args.out, seed=args.seed, train_frames=args.train_frames, test_frames=args.test_frames,
         size_px=args.size_px, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, channels=args.channels,
-        threads=args.threads, progress=not args.no_progress, command=command,
+        threads=args.threads, progress=not args.no_progress, command=command, full_skip=not args.no_full_skip,
+        nms_cells=nms,
     )
     train_localize(settings)
     return 0
