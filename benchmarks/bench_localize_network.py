@@ -11,12 +11,13 @@ seed * 1_000_003 + index with seed 0, 5 * 10**8 or 10**9) uses them.
     The truth is the photon-weighted centroid of the trajectory over the beam's time on the
     particle. A detection is true within eps px of the truth (one per image; duplicates are
     false); detections are ranked by each method's score (network: heat-map confidence; trackpy:
-    mass; MLE: fitted photons) and the area under the precision-recall curve is the
+    mass; MLE: fitted photons; hybrid = network detections refined by the MLE, confidence) and the
+    area under the precision-recall curve is the
     interpolated average precision (VOC). eps = 1, 2, 3 px (0.5, 1, 1.5 PSF sigma).
 (b) Widefield, exact pixel-integrated Gaussian spots (sigma 1.3 px, b = 100 photons/px, Poisson;
     tests/spot_images.py): RMSE per axis over the Cramér-Rao bound at N = 200, 500, 1000 photons,
-    16 well-separated spots per 64 x 64 frame, network vs MLE, on the spots both found (and each on
-    its own finds); then detection recall / precision / Jaccard (match within 1 px, Hungarian) at
+    16 well-separated spots per 64 x 64 frame, network vs the hybrid (network detects, MLE refines:
+    ``network_refine: mle``) vs MLE, on the spots all found (and each on its own finds); then detection recall / precision / Jaccard (match within 1 px, Hungarian) at
     densities where spots overlap, network vs the MLE's band-pass detector.
 (c) Speed on one CPU core: frames/s of the whole network method (normalization, ONNX Runtime,
     decoding, photometry) and of the ONNX Runtime call alone, at 64 x 64 and 512 x 512, beside the
@@ -37,7 +38,7 @@ from spot_images import random_positions, render_spots, to_adu  # noqa: E402
 
 from scopestream.daemon._config import ScopestreamConfig, load_config  # noqa: E402
 from scopestream.models.localize._train import match  # noqa: E402
-from scopestream.plugins._gaussian_mle import fisher_crlb_px  # noqa: E402
+from scopestream.plugins._gaussian_mle import fisher_crlb_px, fit_mle  # noqa: E402
 from scopestream.plugins._loc_network import NetworkLocalizer, shipped_model_dir  # noqa: E402
 from scopestream.plugins.localize import Localizer, LocalizeSettings  # noqa: E402
 from scopestream.sim_camera._scanning import ScanningSimulator  # noqa: E402
@@ -49,8 +50,9 @@ D_VALUES = (0.5, 2.0, 5.0)
 SIGMA_WF, BG_WF = 1.3, 100.0
 
 
-def network(camera: str, config: ScopestreamConfig, threshold: float, sigma_px: float) -> NetworkLocalizer:
-    s = LocalizeSettings(method="network", network_threshold=threshold, psf_sigma_px=sigma_px)
+def network(camera: str, config: ScopestreamConfig, threshold: float, sigma_px: float, refine: str = "none") -> NetworkLocalizer:
+    """The shipped model of ``camera``; ``refine`` 'none' (the network's positions) or 'mle' (the hybrid)."""
+    s = LocalizeSettings(method="network", network_threshold=threshold, psf_sigma_px=sigma_px, network_refine=refine)
     return NetworkLocalizer(s, config.camera, sigma_px, shipped_model_dir(camera))
 
 
@@ -92,6 +94,7 @@ def scanning_protocol(n_images: int) -> None:
           "1000 photons/frame, background 5 photons/px, 2 us dwell, 1.1 ms retrace, sigma 2 px")
     base = load_config(None, [])
     net = network("scanning", base, 0.02, 2.0)
+    hybrid = network("scanning", base, 0.02, 2.0, refine="mle")
     mle = Localizer(LocalizeSettings(method="mle", psf_sigma_px=2.0, threshold_snr=2.5, min_separation_px=3.0,
                                      exclude_saturated=False), base)
     rows = []
@@ -109,13 +112,17 @@ def scanning_protocol(n_images: int) -> None:
                 continue  # the particle left the image during the scan (rare); no single truth
             frames.append(img)
             truths.append((float(vis["x"][0]), float(vis["y"][0])))
-        dets: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {"network": [], "trackpy": [], "MLE": []}
+        dets: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {"network": [], "hybrid": [], "trackpy": [], "MLE": []}
         t_cpu = dict.fromkeys(dets, 0.0)
         for img in frames:
             t = time.process_time()
             loc, conf = net.localize_scored(img)
             t_cpu["network"] += time.process_time() - t
             dets["network"].append((loc.x, loc.y, conf))
+            t = time.process_time()
+            loc, conf = hybrid.localize_scored(img)
+            t_cpu["hybrid"] += time.process_time() - t
+            dets["hybrid"].append((loc.x, loc.y, conf))
             t = time.process_time()
             f = trackpy.locate(img.astype(np.float64), 7, minmass=0, preprocess=True, engine="numba")
             t_cpu["trackpy"] += time.process_time() - t
@@ -152,15 +159,16 @@ def widefield_precision(n_frames: int) -> None:
           f"{n_frames} frames per N")
     config = ScopestreamConfig()
     net = network("widefield", config, 0.5, SIGMA_WF)
+    hybrid = network("widefield", config, 0.5, SIGMA_WF, refine="mle")
     mle = Localizer(LocalizeSettings(method="mle", psf_sigma_px=SIGMA_WF), config)
     rng = np.random.default_rng(SEED0 + 1)
-    print(f"   {'N':>5} {'CRLB px':>8} {'method':>8} {'recall':>7} {'RMSE/CRLB (own)':>16} {'RMSE/CRLB (both found)':>23} "
+    print(f"   {'N':>5} {'CRLB px':>8} {'method':>8} {'recall':>7} {'RMSE/CRLB (own)':>16} {'RMSE/CRLB (all found)':>23} "
           f"{'sd(err/sigma_pred)':>18}")
     for n_ph in (200.0, 500.0, 1000.0):
         crlb = fisher_crlb_px(n_ph, BG_WF, SIGMA_WF)
-        errs: dict[str, list[np.ndarray]] = {"network": [], "MLE": []}
-        both: dict[str, list[np.ndarray]] = {"network": [], "MLE": []}
-        zs: dict[str, list[np.ndarray]] = {"network": [], "MLE": []}
+        errs: dict[str, list[np.ndarray]] = {"network": [], "hybrid": [], "MLE": []}
+        both: dict[str, list[np.ndarray]] = {"network": [], "hybrid": [], "MLE": []}
+        zs: dict[str, list[np.ndarray]] = {"network": [], "hybrid": [], "MLE": []}
         found = dict.fromkeys(errs, 0)
         n_true = 0
         for _ in range(n_frames):
@@ -169,7 +177,7 @@ def widefield_precision(n_frames: int) -> None:
             ty = gy.ravel() + rng.uniform(-2, 2, 16)
             img = to_adu(rng, render_spots((64, 64), tx, ty, n_ph, SIGMA_WF, BG_WF))
             n_true += 16
-            res = {"network": net.localize(img), "MLE": mle.localize(img)}
+            res = {"network": net.localize(img), "hybrid": hybrid.localize(img), "MLE": mle.localize(img)}
             pairs = {}
             for name, loc in res.items():
                 i, j = match(loc.x, loc.y, tx, ty, 1.5)
@@ -178,9 +186,20 @@ def widefield_precision(n_frames: int) -> None:
                 errs[name].append(e)
                 zs[name].append(e / loc.uncertainty_px[i, None])
                 pairs[name] = dict(zip(j.tolist(), e.tolist(), strict=True))
-            common = sorted(set(pairs["network"]) & set(pairs["MLE"]))
+            common = sorted(set(pairs["network"]) & set(pairs["hybrid"]) & set(pairs["MLE"]))
             for name in errs:
                 both[name].append(np.array([pairs[name][k] for k in common]).reshape(-1, 2))
+        # Reference: the MLE on 7 x 7 regions centred on every spot's rounded true position (no
+        # detection step; what benchmarks/bench_localize.py reports: 1.21x at N = 200).
+        rois, offs = [], []
+        for _ in range(n_frames):
+            tx, ty = 3 + rng.uniform(-0.5, 0.5, 16), 3 + rng.uniform(-0.5, 0.5, 16)
+            rois.append(rng.poisson(render_stack(tx, ty, n_ph)))
+            offs.append(np.column_stack([tx, ty]))
+        r, o = np.concatenate(rois).astype(float), np.concatenate(offs)
+        fit = fit_mle(r, SIGMA_WF)
+        e_known = np.column_stack([fit.x_px - o[:, 0], fit.y_px - o[:, 1]])
+        print(f"   {n_ph:5.0f} {crlb:8.4f} {'MLE, known positions (all spots)':>33} {np.sqrt(np.mean(e_known**2)) / crlb:7.3f}")
         for name in errs:
             e = np.concatenate(errs[name])
             b = np.concatenate(both[name])
@@ -189,17 +208,25 @@ def widefield_precision(n_frames: int) -> None:
                   f"{np.sqrt(np.mean(b**2)) / crlb:17.3f} (n={b.shape[0]}) {np.std(z):18.2f}")
 
 
+def render_stack(tx: np.ndarray, ty: np.ndarray, n_ph: float) -> np.ndarray:
+    """Expected photons of 7 x 7 regions with one spot each at (tx, ty), background BG_WF."""
+    from spot_images import pixel_fractions
+
+    return BG_WF + n_ph * pixel_fractions(ty, SIGMA_WF, 7)[:, :, None] * pixel_fractions(tx, SIGMA_WF, 7)[:, None, :]
+
+
 def widefield_density(n_frames: int) -> None:
     print(f"\n(b2) widefield detection at overlapping densities: 64 x 64 px frames, spots uniform at random (no minimum "
           f"distance), N uniform in [500, 2000], sigma {SIGMA_WF} px, b = {BG_WF:g}; match within 1 px; {n_frames} frames per density")
     config = ScopestreamConfig()
     net = network("widefield", config, 0.5, SIGMA_WF)
+    hybrid = network("widefield", config, 0.5, SIGMA_WF, refine="mle")
     mle = Localizer(LocalizeSettings(method="mle", psf_sigma_px=SIGMA_WF), config)
     rng = np.random.default_rng(SEED0 + 2)
     print(f"   {'spots/um2':>9} {'spots/frame':>11} {'NN dist px (median)':>19} {'method':>8} {'recall':>7} {'precision':>9} {'Jaccard':>8}")
     for density in (0.25, 0.5, 1.0, 2.0):
         n = int(round(density * 64 * 64 / 100.0))
-        counts = {"network": [0, 0, 0], "MLE": [0, 0, 0]}
+        counts = {"network": [0, 0, 0], "hybrid": [0, 0, 0], "MLE": [0, 0, 0]}
         nn = []
         for _ in range(n_frames):
             tx, ty = random_positions(rng, n, (64, 64), 1.0, 0.0)
@@ -207,7 +234,7 @@ def widefield_density(n_frames: int) -> None:
             nn.append(np.median(d.min(axis=1)))
             ph = rng.uniform(500, 2000, n)
             img = to_adu(rng, render_spots((64, 64), tx, ty, ph, SIGMA_WF, BG_WF))
-            for name, loc in (("network", net.localize(img)), ("MLE", mle.localize(img))):
+            for name, loc in (("network", net.localize(img)), ("hybrid", hybrid.localize(img)), ("MLE", mle.localize(img))):
                 i, _ = match(loc.x, loc.y, tx, ty, 1.0)
                 counts[name][0] += len(i)
                 counts[name][1] += len(loc) - len(i)
@@ -222,6 +249,7 @@ def speed(rounds: int) -> None:
           "frames with 1 spot per 100 px^2, N 1000, b 100")
     config = ScopestreamConfig()
     net = network("widefield", config, 0.5, SIGMA_WF)
+    hybrid = network("widefield", config, 0.5, SIGMA_WF, refine="mle")
     mle = Localizer(LocalizeSettings(method="mle", psf_sigma_px=SIGMA_WF), config)
     rng = np.random.default_rng(SEED0 + 3)
     from scopestream.models.localize._inputs import normalize_photons
@@ -235,6 +263,7 @@ def speed(rounds: int) -> None:
         net.warm_up(img.shape)
         reps = max(3, rounds * (4096 // side))
         for what, fn, arg in (("network (whole method)", net.localize, img),
+                              ("hybrid (network + MLE refinement)", hybrid.localize, img),
                               ("network (ONNX Runtime call only)", net.run_network, norm),
                               ("MLE (whole method)", mle.localize, img)):
             fn(arg)

@@ -12,6 +12,13 @@ centre + predicted offset; ``uncertainty_px`` = the predicted standard error
 position (border median, background-subtracted sum), as for radial symmetry; ``sigma`` is the
 configured PSF width (the network does not estimate it).
 
+``network_refine: mle`` (the hybrid; ``auto``, the default, picks it for widefield models): the network detects, the Poisson MLE of a still Gaussian spot
+of the configured PSF width refines each position from the network's, and its estimates (position,
+photons, background, Mortensen uncertainty) replace the network's where the fit converges inside
+the region within 1.5 px of the start. It wins where the spot is still and bright (widefield,
+N >= 500 photons: at the Cramér-Rao bound); on scan-blurred spots the network's own positions are
+better (see benchmarks/bench_localize_network.py).
+
 Model folders are loaded (and their hashes checked) once per process and reused by every stage
 and run that names the same folder, backend, device and thread count.
 """
@@ -28,7 +35,11 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from scopestream.daemon._products import Localizations
-from scopestream.plugins._gaussian_mle import _border_background
+from scopestream.plugins._gaussian_mle import (
+    _border_background,
+    fit_mle,
+    mortensen_mle_variance_px2,
+)
 
 __all__ = ["MODEL_MAJOR_VERSION", "MODEL_NAME", "NetworkLocalizer", "shipped_model_dir"]
 
@@ -105,12 +116,26 @@ class NetworkLocalizer:
         self.nms_cells = int(spec.get("nms_cells", 3))
         self.camera_kind = str(spec.get("camera", "widefield"))
         self.sigma_px = float(sigma_px)
+        #: 'mle' or 'none' (``network_refine``, 'auto' resolved by the model's camera).
+        self.refine = settings.network_refine if settings.network_refine != "auto" else (
+            "none" if self.camera_kind == "scanning" else "mle"
+        )
         self.roi_px = settings.roi_px if settings.roi_px is not None else _PHOTOMETRY_ROI_PX.get(self.camera_kind, 7)
         self._offset_adu = float(camera.offset_adu)
         self._photons_per_adu = float(camera.gain_e_per_adu) / float(camera.em_gain)
         self._read_variance = (float(camera.read_noise_e) / float(camera.em_gain)) ** 2
         self._saturation_adu = float(camera.saturation_adu)
+        self._excess_noise = 2.0 if camera.em_gain > 1.0 else 1.0
         self._warm: set[tuple[int, int]] = set()
+
+    def _refine(
+        self, rois: np.ndarray, ox: np.ndarray, oy: np.ndarray, x_px: np.ndarray, y_px: np.ndarray, n_ph: np.ndarray,
+        bg: np.ndarray, unc: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        """``network_refine: mle``: the MLE's estimates where its fit is accepted (see :func:`_refine_fit`)."""
+        fx, fy, fn, fb, fu, good = _refine_fit(rois, ox, oy, x_px, y_px, self.sigma_px, self._read_variance, self._excess_noise)
+        return (np.where(good, fx, x_px), np.where(good, fy, y_px), np.where(good, fn, n_ph), np.where(good, fb, bg),
+                np.where(good, fu, unc), int(good.sum()))
 
     @property
     def model_version(self) -> str:
@@ -184,6 +209,10 @@ class NetworkLocalizer:
             keep &= ~sliding_window_view(bad, (roi, roi))[oy, ox].any(axis=(1, 2))
         rois = sliding_window_view(photons, (roi, roi))[oy, ox].astype(np.float64)
         bg, n_ph = _border_background(rois) if n_cand else (np.empty(0), np.empty(0))
+        x_px, y_px, unc = d.x_px, d.y_px, d.uncertainty_px
+        refined = 0
+        if self.refine == "mle" and n_cand and roi >= 3:
+            x_px, y_px, n_ph, bg, unc, refined = self._refine(rois, ox, oy, x_px, y_px, n_ph, bg, unc)
         ok = keep & (n_ph >= s.min_photons)
         rejected_fit = int(np.count_nonzero(keep & ~ok))
         idx = np.flatnonzero(ok)
@@ -192,20 +221,41 @@ class NetworkLocalizer:
             idx.sort()
         locs = Localizations(
             frame_seq=frame_seq,
-            x=d.x_px[idx],
-            y=d.y_px[idx],
+            x=x_px[idx],
+            y=y_px[idx],
             photons=n_ph[idx],
             background=bg[idx],
             sigma=np.full(idx.size, self.sigma_px),
-            uncertainty_px=d.uncertainty_px[idx],
+            uncertainty_px=unc[idx],
             diagnostics={
                 "candidates": n_cand,
+                "refined": refined,
                 "rejected_saturated": rejected_saturated,
                 "rejected_fit": rejected_fit,
                 "noise_scale": _noise_scale(photons, self._read_variance),
             },
         )
         return locs, d.confidence[idx]
+
+
+def _refine_fit(
+    rois: np.ndarray, ox: np.ndarray, oy: np.ndarray, x_px: np.ndarray, y_px: np.ndarray, sigma_px: float,
+    read_variance: float, excess_noise: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Poisson MLE of still Gaussian spots started at the network's positions: (x, y, photons,
+    background, uncertainty, accepted). Accepted: converged, inside the region, within 1.5 px of the
+    start and with positive photons; elsewhere the caller keeps the network's values."""
+    fit = fit_mle(rois, sigma_px, read_variance=read_variance, start_xy=(x_px - ox, y_px - oy))
+    roi = rois.shape[-1]
+    x, y = fit.x_px + ox, fit.y_px + oy
+    good = (
+        fit.converged & (fit.x_px > -0.5) & (fit.x_px < roi - 0.5) & (fit.y_px > -0.5) & (fit.y_px < roi - 0.5)
+        & (fit.photons > 0) & (np.hypot(x - x_px, y - y_px) <= 1.5)
+    )
+    var = mortensen_mle_variance_px2(
+        np.maximum(fit.photons, 1e-9), np.maximum(fit.background, 0.0) + read_variance, fit.sigma_px, excess_noise=excess_noise
+    )
+    return x, y, fit.photons, fit.background, np.sqrt(var), good
 
 
 def _noise_scale(photons: np.ndarray, read_variance: float) -> float:

@@ -94,6 +94,14 @@ class LocalizeSettings(BaseModel):
     network_threshold: float = Field(
         0.5, ge=0.01, le=1.0, description="Method 'network': smallest heat-map confidence of a detection (0-1)."
     )
+    network_refine: Literal["auto", "none", "mle"] = Field(
+        "auto",
+        description=(
+            "Method 'network': 'mle' refines each detection with the Poisson MLE of a still Gaussian spot of psf_sigma_px "
+            "started at the network's position (the hybrid: at the Cramér-Rao bound on bright still spots); 'none' keeps the "
+            "network's positions (scan-blurred spots); 'auto': 'mle' with a widefield model, 'none' with a scanning one."
+        ),
+    )
     network_backend: Literal["onnxruntime", "torch", "tensorrt"] = Field(
         "onnxruntime", description="Method 'network': inference backend (TensorRT needs an NVIDIA GPU and the tensorrt package)."
     )
@@ -672,7 +680,9 @@ PLUGIN = StagePlugin(
     build=LocalizeStage,
     topics={"localizations": LocalizationsBody},
     produces=(Localizations,),
-    runtime_settable=frozenset({"threshold_snr", "min_separation_px", "min_photons", "method", "max_spots", "network_threshold"}),
+    runtime_settable=frozenset(
+        {"threshold_snr", "min_separation_px", "min_photons", "method", "max_spots", "network_threshold", "network_refine"}
+    ),
     tables={"localizations": "localizations.csv"},
     description="Spot detection and Poisson-MLE (or learned network) localization with uncertainties.",
 )
