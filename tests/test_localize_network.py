@@ -199,7 +199,7 @@ def test_analyze_with_the_network_on_a_file_writes_the_same_columns(tmp_path: Pa
     rng = np.random.default_rng(SEED0 + 3)
     stack = np.stack([to_adu(rng, render_spots((48, 52), [10.2, 30.6, 40.1], [12.4, 20.8, 35.3], 1500.0, SIGMA_WF, 20.0))
                       for _ in range(4)])
-    tifffile.imwrite(tmp_path / "in.tif", stack)
+    tifffile.imwrite(tmp_path / "in.tif", stack, photometric="minisblack")
     cols = {}
     for method in ("mle", "network"):
         out = subprocess.run(
@@ -273,3 +273,63 @@ def test_bad_settings_and_a_missing_model_name_the_problem(tmp_path: Path) -> No
         load_config(None, ["localize.network_threshold=0"])
     with pytest.raises(ValueError, match=f"no model card {tmp_path}"):
         locate(np.zeros((16, 16), np.uint16), method="network", network_model=str(tmp_path))
+
+
+# -- training and the shipped folders -----------------------------------------------------------------
+
+
+def test_tiny_training_run_learns_and_writes_a_loadable_model_folder(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    from scopestream.models.localize._train import TrainSettings, train_localize
+
+    settings = TrainSettings(camera="widefield", out=tmp_path, train_frames=192, val_frames=32, test_frames=32,
+                             epochs=4, batch_size=32, channels=4, progress=False, command="test")
+    metrics = train_localize(settings, log=lambda _: None)
+    loss = metrics["curves"]["train_loss"]
+    # The focal loss of the initial heat map (prior 0.1 everywhere) plus the localization NLL
+    # falls by far more than its batch-to-batch noise once the network learns where spots are.
+    assert loss[-1] < loss[0] - 0.5, loss
+    folder = load_model_folder(tmp_path / "model", name="localize", major_version=1)
+    assert folder.card.training["command"] == "test" and folder.card.training["test_seed"] == 10**9
+    assert {"recall", "precision", "rmse_px"} <= set(folder.card.test)
+    for name in ("report.md", "metrics.json", "curves.png", "examples.png"):
+        assert (tmp_path / name).is_file(), name
+
+
+@pytest.mark.parametrize("camera", ["scanning", "widefield"])
+def test_shipped_model_folders_are_complete_and_small(camera: str) -> None:
+    path = shipped_model_dir(camera)
+    card = load_model_folder(path, name="localize", major_version=1).card
+    assert card.input_spec["camera"] == camera
+    for key in ("command", "seed", "commit", "train_frames", "test_frames", "test_seed", "time_s"):
+        assert key in card.training, key
+    assert sum(p.stat().st_size for p in path.iterdir()) <= 2 * 2**20
+    assert (path / "MODEL_CARD.md").read_text().startswith("# Model card")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--size", "30"], "--size must be a multiple of 4"),
+    (["--nms-cells", "4"], "--nms-cells must be a positive odd number"),
+])
+def test_train_cli_bad_input_exits_2_with_one_paragraph(tmp_path: Path, args: list[str], message: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "scopestream.daemon._cli", "train", "localize", "--camera", "widefield",
+                          "--out", str(tmp_path), *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_config_with_the_mle_imports_no_inference_runtime() -> None:
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from scopestream.daemon._config import load_config\n"
+        "from scopestream.plugins.localize import locate\n"
+        "config = load_config(None, ['stages=[frame_stats, localize, track]'])\n"
+        "locate(np.full((32, 32), 100, np.uint16), config)\n"
+        "heavy = [m for m in ('onnxruntime', 'torch', 'tensorrt') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
