@@ -15,7 +15,7 @@ configured PSF width (the network does not estimate it).
 ``network_refine: mle`` (the hybrid; ``auto``, the default, picks it for widefield models): the network detects, the Poisson MLE of a still Gaussian spot
 of the configured PSF width refines each position from the network's, and its estimates (position,
 photons, background, Mortensen uncertainty) replace the network's where the fit converges inside
-the region within 1.5 px of the start. It wins where the spot is still and bright (widefield,
+the region within 3 predicted standard errors of the network's position. It wins where the spot is still and bright (widefield,
 N >= 500 photons: at the Cramér-Rao bound); on scan-blurred spots the network's own positions are
 better (see benchmarks/bench_localize_network.py).
 
@@ -133,7 +133,9 @@ class NetworkLocalizer:
         bg: np.ndarray, unc: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
         """``network_refine: mle``: the MLE's estimates where its fit is accepted (see :func:`_refine_fit`)."""
-        fx, fy, fn, fb, fu, good = _refine_fit(rois, ox, oy, x_px, y_px, self.sigma_px, self._read_variance, self._excess_noise)
+        fx, fy, fn, fb, fu, good = _refine_fit(
+            rois, ox, oy, x_px, y_px, self.sigma_px, self._read_variance, self._excess_noise, unc
+        )
         return (np.where(good, fx, x_px), np.where(good, fy, y_px), np.where(good, fn, n_ph), np.where(good, fb, bg),
                 np.where(good, fu, unc), int(good.sum()))
 
@@ -240,17 +242,19 @@ class NetworkLocalizer:
 
 def _refine_fit(
     rois: np.ndarray, ox: np.ndarray, oy: np.ndarray, x_px: np.ndarray, y_px: np.ndarray, sigma_px: float,
-    read_variance: float, excess_noise: float,
+    read_variance: float, excess_noise: float, network_sigma_px: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Poisson MLE of still Gaussian spots started at the network's positions: (x, y, photons,
-    background, uncertainty, accepted). Accepted: converged, inside the region, within 1.5 px of the
-    start and with positive photons; elsewhere the caller keeps the network's values."""
+    background, uncertainty, accepted). Accepted: converged, inside the region, with positive photons
+    and within 3 of the network's predicted standard errors (at least 0.3 px) of its position -- a fit
+    pulled further (by an overlapping neighbour, or a spot that is not a still Gaussian) is not
+    trusted; there the caller keeps the network's values."""
     fit = fit_mle(rois, sigma_px, read_variance=read_variance, start_xy=(x_px - ox, y_px - oy))
     roi = rois.shape[-1]
     x, y = fit.x_px + ox, fit.y_px + oy
     good = (
         fit.converged & (fit.x_px > -0.5) & (fit.x_px < roi - 0.5) & (fit.y_px > -0.5) & (fit.y_px < roi - 0.5)
-        & (fit.photons > 0) & (np.hypot(x - x_px, y - y_px) <= 1.5)
+        & (fit.photons > 0) & (np.hypot(x - x_px, y - y_px) <= np.maximum(3.0 * network_sigma_px, 0.3))
     )
     var = mortensen_mle_variance_px2(
         np.maximum(fit.photons, 1e-9), np.maximum(fit.background, 0.0) + read_variance, fit.sigma_px, excess_noise=excess_noise
