@@ -114,6 +114,7 @@ class NetworkLocalizer:
         self.stride_px = int(spec.get("stride_px", 2))
         self.multiple_px = int(spec.get("input_multiple_px", 4))
         self.nms_cells = int(spec.get("nms_cells", 3))
+        self.pool_decoding = bool(spec.get("pool_decoding", False))
         self.camera_kind = str(spec.get("camera", "widefield"))
         self.sigma_px = float(sigma_px)
         #: 'mle' or 'none' (``network_refine``, 'auto' resolved by the model's camera).
@@ -194,7 +195,7 @@ class NetworkLocalizer:
         x = pad_to_multiple(normalize_photons(photons, self._read_variance), self.multiple_px)
         out = self.run_network(x[None])
         d = decode(out["heat"][0, 0], out["offset"][0], out["log_sigma"][0], self.stride_px, s.network_threshold, h, w,
-                   self.nms_cells)
+                   self.nms_cells, self.pool_decoding)
         n_cand = int(d.x_px.size)
         roi = min(self.roi_px, h, w)
         half = roi // 2

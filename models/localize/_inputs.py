@@ -9,8 +9,9 @@ whatever the camera gain or background, with bright peaks compressed (asinh is l
 logarithmic beyond).
 
 Decoding (:func:`decode`): a cell is a detection where its heat is at least ``threshold`` and is
-the largest in its neighbourhood (3 x 3 cells; the scanning model's card asks for 5 x 5) (the non-maximum suppression of CenterNet); the position is
-the cell centre plus the predicted offset, the uncertainty ``sqrt((sx^2 + sy^2) / 2)`` from the
+the largest in its neighbourhood (3 x 3 cells; the scanning model's card asks for 5 x 5) (the non-maximum
+suppression of CenterNet); the position is the cell centre plus the predicted offset (or, where the card
+asks for ``pool_decoding``, the heat-weighted mean of the positions the cells around the peak predict), the uncertainty ``sqrt((sx^2 + sy^2) / 2)`` from the
 predicted log-sigmas.
 """
 
@@ -99,19 +100,36 @@ class Decoded:
 
 def decode(
     heat: np.ndarray, offset: np.ndarray, log_sigma: np.ndarray, stride: int, threshold: float,
-    height_px: int | None = None, width_px: int | None = None, nms_cells: int = 3,
+    height_px: int | None = None, width_px: int | None = None, nms_cells: int = 3, pool: bool = False,
 ) -> Decoded:
     """Detections from one frame's outputs: ``heat`` (hc, wc), ``offset`` and ``log_sigma`` (2, hc, wc).
 
     A detection is a cell at or above ``threshold`` that is the largest in its ``nms_cells`` square
-    neighbourhood. Detections whose position falls outside ``height_px`` x ``width_px`` (the frame
-    before padding) are dropped.
+    neighbourhood. Its position is the cell centre plus the predicted offset, or with ``pool`` the
+    heat-weighted mean of that over the 3 x 3 cells around it with at least half its heat. Training
+    supervises the offsets at particle cells only, so pooling is an empirical choice per model (its
+    card's ``pool_decoding``): on the scanning benchmark (D = 5 um^2/s) it raised the AUC at eps = 1 px
+    from 0.72 to 0.79; on widefield frames it lowered the Jaccard index. Detections whose position falls outside ``height_px`` x ``width_px``
+    (the frame before padding) are dropped.
     """
     peaks = (heat >= threshold) & (heat >= maximum_filter(heat, size=nms_cells, mode="constant", cval=0.0))
     i, j = np.nonzero(peaks)
     centre = (stride - 1) / 2.0
-    x = j * stride + centre + offset[0, i, j].astype(np.float64)
-    y = i * stride + centre + offset[1, i, j].astype(np.float64)
+    if pool:
+        # Every cell predicts the particle's position (its centre + its offset); the 3 x 3 cells around
+        # a peak whose heat is at least half the peak's are averaged, weighted by heat.
+        di, dj = (a.ravel() for a in np.mgrid[-1:2, -1:2])
+        hp = np.pad(heat, 1)
+        op = np.pad(offset, ((0, 0), (1, 1), (1, 1)))
+        ii, jj = i[:, None] + 1 + di, j[:, None] + 1 + dj
+        w = hp[ii, jj].astype(np.float64)
+        w[w < 0.5 * heat[i, j][:, None]] = 0.0
+        wsum = w.sum(axis=1)
+        x = ((w * ((j[:, None] + dj) * stride + centre + op[0, ii, jj])).sum(axis=1) / wsum).astype(np.float64)
+        y = ((w * ((i[:, None] + di) * stride + centre + op[1, ii, jj])).sum(axis=1) / wsum).astype(np.float64)
+    else:
+        x = j * stride + centre + offset[0, i, j].astype(np.float64)
+        y = i * stride + centre + offset[1, i, j].astype(np.float64)
     sig2 = np.exp(2.0 * log_sigma[:, i, j].astype(np.float64))
     unc = np.sqrt(0.5 * (sig2[0] + sig2[1]))
     conf = heat[i, j].astype(np.float64)

@@ -34,7 +34,7 @@ def add_localize_parser(sub: Any) -> None:
     m.add_argument("--channels", type=int, default=10, help="feature maps at full resolution (default 10)")
     m.add_argument("--no-full-skip", action="store_true", help="no full-resolution skip into the head (the smaller 41k network)")
     m.add_argument("--nms-cells", type=int, default=None,
-                   help="decoding neighbourhood, cells (odd; default 7 for scanning: blurred spots, 3 for widefield: dense spots)")
+                   help="decoding neighbourhood, cells (odd; default 5 for scanning: blurred spots, 3 for widefield: dense spots)")
     m.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
     m.set_defaults(func=_cmd_train_localize)
@@ -46,7 +46,7 @@ def _cmd_train_localize(args: argparse.Namespace) -> int:
                              ("--channels", args.channels, 1), ("--threads", args.threads, 1), ("--size", args.size_px, 16)):
         if value < low:
             raise InputError(f"{name} must be at least {low}, got {value}")
-    nms = args.nms_cells if args.nms_cells is not None else (7 if args.camera == "scanning" else 3)
+    nms = args.nms_cells if args.nms_cells is not None else (5 if args.camera == "scanning" else 3)
     if nms < 1 or nms % 2 == 0:
         raise InputError(f"--nms-cells must be a positive odd number, got {nms}")
     if args.size_px % 4:
