@@ -333,3 +333,14 @@ def test_a_config_with_the_mle_imports_no_inference_runtime() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_analyze_with_a_missing_model_folder_exits_2_naming_it(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "in.tif", np.full((2, 16, 16), 100, np.uint16), photometric="minisblack")
+    out = subprocess.run(
+        [sys.executable, "-m", "scopestream.daemon._cli", "analyze", str(tmp_path / "in.tif"), "--out", str(tmp_path / "res"),
+         "--set", "stages=[localize]", "--set", "localize.method=network", "--set", f"localize.network_model={tmp_path / 'nowhere'}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    assert f"no model card {tmp_path / 'nowhere'}" in out.stderr and "Traceback" not in out.stderr
