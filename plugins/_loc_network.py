@@ -8,7 +8,8 @@ model folder's network runs through an inference backend (ONNX Runtime on one CP
 default). Decoding: maxima of the heat map over the card's ``nms_cells`` square (3 or 5 cells) at or
 above ``network_threshold``; position = cell
 centre + predicted offset; ``uncertainty_px`` = the predicted standard error
-``sqrt((sx^2 + sy^2) / 2)``. Photons and background come from the square region around each
+``sqrt((sx^2 + sy^2) / 2)`` times the card's ``uncertainty_scale`` (std(error / predicted sigma) on the
+validation set, so that the errors are calibrated). Photons and background come from the square region around each
 position (border median, background-subtracted sum), as for radial symmetry; ``sigma`` is the
 configured PSF width (the network does not estimate it).
 
@@ -115,6 +116,7 @@ class NetworkLocalizer:
         self.multiple_px = int(spec.get("input_multiple_px", 4))
         self.nms_cells = int(spec.get("nms_cells", 3))
         self.pool_decoding = bool(spec.get("pool_decoding", False))
+        self.uncertainty_scale = float(spec.get("uncertainty_scale", 1.0))
         self.camera_kind = str(spec.get("camera", "widefield"))
         self.sigma_px = float(sigma_px)
         #: 'mle' or 'none' (``network_refine``, 'auto' resolved by the model's camera).
@@ -195,7 +197,7 @@ class NetworkLocalizer:
         x = pad_to_multiple(normalize_photons(photons, self._read_variance), self.multiple_px)
         out = self.run_network(x[None])
         d = decode(out["heat"][0, 0], out["offset"][0], out["log_sigma"][0], self.stride_px, s.network_threshold, h, w,
-                   self.nms_cells, self.pool_decoding)
+                   self.nms_cells, self.pool_decoding, self.uncertainty_scale)
         n_cand = int(d.x_px.size)
         roi = min(self.roi_px, h, w)
         half = roi // 2

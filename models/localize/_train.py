@@ -161,7 +161,7 @@ def match(x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: np.ndarray, radius_p
 
 
 def evaluate(maps: tuple[np.ndarray, np.ndarray, np.ndarray], test: FrameSet, threshold: float,
-             radius_px: float, nms_cells: int = 3) -> dict[str, Any]:
+             radius_px: float, nms_cells: int = 3, sigma_scale: float = 1.0) -> dict[str, Any]:
     """Detection and localization figures on a test set (see the module docstring)."""
     heat, off, logs = maps
     tp = fp = fn = 0
@@ -171,7 +171,7 @@ def evaluate(maps: tuple[np.ndarray, np.ndarray, np.ndarray], test: FrameSet, th
     found_snr: list[np.ndarray] = []
     size = test.images.shape[-1]
     for k in range(len(heat)):
-        d = decode(heat[k], off[k], logs[k], STRIDE_PX, threshold, size, size, nms_cells)
+        d = decode(heat[k], off[k], logs[k], STRIDE_PX, threshold, size, size, nms_cells, sigma_scale=sigma_scale)
         t = test.truth[k]
         i, j = match(d.x_px, d.y_px, t[:, 0], t[:, 1], radius_px)
         tp += len(i)
@@ -274,9 +274,12 @@ def _plot(curves: dict[str, list[float]], fig: dict[str, Any], test: FrameSet, m
 
 
 def export_model_folder(model: Any, settings: TrainSettings, folder: Path, card_extra: dict[str, Any]) -> ModelCard:
-    """Write ``model.onnx`` (dynamic batch, height and width), ``model.pt`` and ``card.json``."""
+    """Write ``model.onnx`` (dynamic batch, height and width), ``model.pt`` and ``card.json``
+    (``card_extra``: the card's ``training`` and ``test`` entries and the ``uncertainty_scale``)."""
     import torch
 
+    card_extra = dict(card_extra)
+    sigma_scale = float(card_extra.pop("uncertainty_scale", 1.0))
     folder.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     torch.save(model.state_dict(), folder / "model.pt")
@@ -300,7 +303,8 @@ def export_model_folder(model: Any, settings: TrainSettings, folder: Path, card_
         input_spec={
             "camera": settings.camera, "normalization": "asinh((photons - median) / sqrt(max(median, 0) + read_variance + 1))",
             "stride_px": STRIDE_PX, "input_multiple_px": INPUT_MULTIPLE_PX, "dynamic_height_width": True,
-            "threshold": settings.threshold, "nms_cells": settings.nms_cells, "pixel_size_nm": 100.0, "scene_ranges": SCENE_RANGES[settings.camera],
+            "threshold": settings.threshold, "nms_cells": settings.nms_cells, "uncertainty_scale": sigma_scale,
+            "pixel_size_nm": 100.0, "scene_ranges": SCENE_RANGES[settings.camera],
             "snr_target": SNR_TARGET, "snr_ignore": SNR_IGNORE,
         },
         files=files, sha256={f: sha256_file(folder / f) for f in files.values()}, **card_extra,
@@ -315,7 +319,8 @@ def _figures_md(fig: dict[str, Any]) -> str:
         f"{fig['precision']:.3f}, Jaccard {fig['jaccard']:.3f} (threshold {fig['threshold']}, match within "
         f"{fig['match_radius_px']} px)",
         f"- RMSE per axis {fig['rmse_px']:.3f} px, bias x {fig['bias_px'][0]:+.3f} y {fig['bias_px'][1]:+.3f} px; "
-        f"std(error / predicted sigma) {fig['calibration_std_z']:.2f} (1 = calibrated)",
+        f"std(error / predicted sigma) {fig['calibration_std_z']:.2f} (1 = calibrated; sigma scaled by the validation "
+        "set's figure, the card's uncertainty_scale)",
         "", "| aperture SNR | particles | recall | RMSE px | predicted sigma px |", "|---|---|---|---|---|",
     ]
     for b in fig["by_snr"]:
@@ -418,8 +423,11 @@ def train_localize(settings: TrainSettings, log: Callable[[str], None] = print) 
                             prec=f"{vfig['precision']:.3f}", rmse=f"{vfig['rmse_px']:.3f}")
             bar.update(1)
     train_s = time.perf_counter() - t1
+    # Calibration of the predicted uncertainty on the validation set (not the test set, which checks it).
+    vfig = evaluate(predict(model, val.images), val, settings.threshold, settings.match_radius_px, settings.nms_cells)
+    sigma_scale = float(vfig["calibration_std_z"]) if np.isfinite(vfig["calibration_std_z"]) else 1.0
     maps = predict(model, test.images)
-    fig = evaluate(maps, test, settings.threshold, settings.match_radius_px, settings.nms_cells)
+    fig = evaluate(maps, test, settings.threshold, settings.match_radius_px, settings.nms_cells, sigma_scale)
     pngs = _plot(curves, fig, test, maps, settings, out)
     total_s = time.perf_counter() - t0
     public = {k: v for k, v in fig.items() if not k.startswith("_")}
@@ -451,7 +459,7 @@ def train_localize(settings: TrainSettings, log: Callable[[str], None] = print) 
         },
         "test": public,
     }
-    card = export_model_folder(model, settings, out / "model", card_extra)
+    card = export_model_folder(model, settings, out / "model", {**card_extra, "uncertainty_scale": sigma_scale})
     (out / "model" / "MODEL_CARD.md").write_text(_model_card_md(card, figures_md, pngs))
     log(f"model folder: {out / 'model'}")
     log(f"report: {out / 'report.md'}")
