@@ -22,6 +22,7 @@ _FAMILIES: dict[str, str] = {
     "track_mlp": "scopestream.models.motion.track_mlp",
     "fused": "scopestream.models.motion.fused",
     "stack_cnn": "scopestream.models.diffusion.stack_cnn",
+    "locnet": "scopestream.models.localize.locnet",
 }
 
 

@@ -17,6 +17,7 @@ __all__ = ["TRAIN_NETWORKS", "add_train_command"]
 TRAIN_NETWORKS: tuple[tuple[str, str], ...] = (
     ("scopestream.models.motion.cli", "add_motion_parser"),
     ("scopestream.models.diffusion.cli", "add_diffusion_parser"),
+    ("scopestream.models.localize.cli", "add_localize_parser"),
 )
 """(module, function): ``module.function(subparsers)`` adds one ``train`` sub-command."""
 

@@ -19,6 +19,12 @@ Pipeline for one frame (all vectorized; no Python loop over pixels or spots):
      unbiased); it enters the reported uncertainty.
    - ``"radial_symmetry"``: Parthasarathy (2012), ~10x faster, slightly less precise;
      photons and background from the region (sum minus border median).
+   - ``"network"``: detection and localization together by a learned network
+     (:mod:`scopestream.plugins._loc_network`; shipped models for the scanning two-photon and the
+     widefield camera, ``scopestream train localize``): for scan-blurred and low-signal spots, where
+     the still-Gaussian model of the MLE fails. Steps 2 and 4 are the network's (heat-map maxima
+     above ``network_threshold``; the predicted standard error). Default with the simulated
+     scanning camera.
 4. Uncertainty: every localization reports ``uncertainty_px``, the Mortensen et al. (2010)
    bound for the MLE, ``sqrt(F sa^2/N [1 + int_0^1 ln t/(1 + t/tau) dt]^-1)``, evaluated at
    the fitted photons, background (+ read variance) and sigma.
@@ -36,7 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 from scipy.spatial import cKDTree
 
 from scopestream.daemon._config import ScopestreamConfig
@@ -70,10 +76,37 @@ class LocalizeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
-    method: Literal["mle", "radial_symmetry"] = Field(
+    method: Literal["mle", "radial_symmetry", "network"] = Field(
         "mle",
-        description="Sub-pixel estimator: 'mle' (Poisson maximum likelihood, at the Cramér-Rao bound) or 'radial_symmetry' (Parthasarathy 2012, faster).",
+        description=(
+            "Estimator: 'mle' (Poisson maximum likelihood, at the Cramér-Rao bound), 'radial_symmetry' (Parthasarathy 2012, "
+            "faster) or 'network' (the learned detector/localizer of network_model: scan-blurred and low-signal spots). "
+            "Default 'mle', except with the simulated scanning camera (source.mm_config 'simulated-scanning'): 'network'."
+        ),
     )
+    network_model: str = Field(
+        "auto",
+        description=(
+            "Model folder of method 'network': 'scanning' or 'widefield' (the shipped models/weights/localize_<camera>), "
+            "a folder path, or 'auto' ('scanning' with the simulated scanning camera, else 'widefield')."
+        ),
+    )
+    network_threshold: float = Field(
+        0.5, ge=0.01, le=1.0, description="Method 'network': smallest heat-map confidence of a detection (0-1)."
+    )
+    network_refine: Literal["auto", "none", "mle"] = Field(
+        "auto",
+        description=(
+            "Method 'network': 'mle' refines each detection with the Poisson MLE of a still Gaussian spot of psf_sigma_px "
+            "started at the network's position (the hybrid: at the Cramér-Rao bound on bright still spots); 'none' keeps the "
+            "network's positions (scan-blurred spots); 'auto': 'mle' with a widefield model, 'none' with a scanning one."
+        ),
+    )
+    network_backend: Literal["onnxruntime", "torch", "tensorrt"] = Field(
+        "onnxruntime", description="Method 'network': inference backend (TensorRT needs an NVIDIA GPU and the tensorrt package)."
+    )
+    network_device: str = Field("cpu", description="Method 'network': device of the torch / TensorRT backend ('cpu', 'cuda', 'cuda:1').")
+    network_threads: int = Field(1, ge=1, le=64, description="Method 'network': threads of one inference (ONNX Runtime intra-op, torch CPU).")
     psf_sigma_px: float | None = Field(
         None, gt=0.3, le=20,
         description="PSF standard deviation, px; None: 0.21 * optics.wavelength_nm / optics.na / optics.pixel_size_nm.",
@@ -105,6 +138,22 @@ class LocalizeSettings(BaseModel):
         True, description="Drop spots whose region holds a pixel at or above camera.saturation_adu (their fit would be biased)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _network_on_scanning_camera(cls, data: Any, info: ValidationInfo) -> Any:
+        """With the simulated scanning camera, 'network' is the default method (scan blur breaks the
+        still-Gaussian spot the MLE assumes)."""
+        source = (info.context or {}).get("source")
+        if (
+            isinstance(data, dict)
+            and "method" not in data
+            and source is not None
+            and source.kind == "micromanager"
+            and source.mm_config == "simulated-scanning"
+        ):
+            return {**data, "method": "network"}
+        return data
+
 
 class LocalizationsBody(BaseModel):
     """Body of a ``localizations`` event; the table travels as arrays ``x, y, photons,
@@ -114,8 +163,8 @@ class LocalizationsBody(BaseModel):
 
     frame_seq: int = Field(description="The frame's daemon sequence number.")
     count: int = Field(description="Number of localizations (length of every array).")
-    method: str = Field(description="Estimator used: 'mle' or 'radial_symmetry'.")
-    candidates: int = Field(description="Local maxima above threshold before fit quality checks.")
+    method: str = Field(description="Estimator used: 'mle', 'radial_symmetry' or 'network'.")
+    candidates: int = Field(description="Local maxima above threshold (network: heat-map maxima above network_threshold) before quality checks.")
     rejected_saturated: int = Field(description="Spots dropped because their region held a saturated pixel.")
     rejected_fit: int = Field(description="Spots dropped because the fit left the region or had too few photons.")
     noise_scale: float = Field(
@@ -537,6 +586,31 @@ def _check_image(image: Any) -> np.ndarray:
 # -- stage ----------------------------------------------------------------------------------
 
 
+def network_model_dir(settings: LocalizeSettings, config: ScopestreamConfig) -> str:
+    """The model folder that ``localize.network_model`` names for this configuration."""
+    name = settings.network_model
+    if name == "auto":
+        src = config.source
+        name = "scanning" if src.kind == "micromanager" and src.mm_config == "simulated-scanning" else "widefield"
+    if name in ("scanning", "widefield"):
+        from scopestream.plugins._loc_network import shipped_model_dir
+
+        return str(shipped_model_dir(name))
+    return name
+
+
+def _network_localizer(settings: LocalizeSettings, config: ScopestreamConfig, sigma_px: float) -> Any:
+    """A loaded, warmed-up :class:`~scopestream.plugins._loc_network.NetworkLocalizer` (ValueError naming the folder)."""
+    from scopestream.models._card import ModelLoadError
+    from scopestream.plugins._loc_network import NetworkLocalizer
+
+    model_dir = network_model_dir(settings, config)
+    try:
+        return NetworkLocalizer(settings, config.camera, sigma_px, model_dir)
+    except ModelLoadError as exc:
+        raise ValueError(f"localize.method 'network': {exc}") from None
+
+
 class LocalizeStage:
     """The ``localize`` stage: produces :class:`Localizations` and publishes them on topic
     ``localizations``."""
@@ -546,18 +620,43 @@ class LocalizeStage:
     def __init__(self, config: ScopestreamConfig, settings: LocalizeSettings) -> None:
         self._config = config
         self._localizer = Localizer(settings, config)
+        self._network: Any = None
+        self._frame_shape: tuple[int, int] | None = None
 
     def setup(self, context: RunContext) -> None:
-        """Nothing to prepare: buffers are sized on the first frame."""
+        """Method 'network': load and check the model folder and warm the network up on the
+        run's frame shape (errors name the folder). Other methods size their buffers on the
+        first frame."""
+        self._frame_shape = tuple(context.frame_shape_px)  # type: ignore[assignment]
+        self._prepare_network()
+
+    def _prepare_network(self) -> None:
+        settings = self._localizer.settings
+        if settings.method != "network":
+            self._network = None
+            return
+        self._network = _network_localizer(settings, self._config, self._localizer.sigma_px)
+        if self._frame_shape is not None and min(self._frame_shape) >= self._network.multiple_px:
+            self._network.warm_up(self._frame_shape)
 
     def apply_settings(self, settings: LocalizeSettings) -> None:
-        """Use new settings from the next frame on."""
+        """Use new settings from the next frame on (a network is loaded here, not on the frame)."""
+        old = self._localizer
         self._localizer = Localizer(settings, self._config)
+        try:
+            self._prepare_network()
+        except ValueError:
+            self._localizer = old
+            self._prepare_network()
+            raise
 
     def process(self, frame: Frame, products: Products) -> Sequence[Emission]:
         """Localize the spots of one frame."""
         try:
-            locs = self._localizer.localize(frame.image, frame.seq)
+            if self._network is not None:
+                locs = self._network.localize(_check_image(frame.image), frame.seq)
+            else:
+                locs = self._localizer.localize(frame.image, frame.seq)
         except ValueError as exc:
             products.put(Localizations.empty(frame.seq))
             raise ValueError(f"frame {frame.seq}: {exc}") from None
@@ -581,9 +680,11 @@ PLUGIN = StagePlugin(
     build=LocalizeStage,
     topics={"localizations": LocalizationsBody},
     produces=(Localizations,),
-    runtime_settable=frozenset({"threshold_snr", "min_separation_px", "min_photons", "method", "max_spots"}),
+    runtime_settable=frozenset(
+        {"threshold_snr", "min_separation_px", "min_photons", "method", "max_spots", "network_threshold", "network_refine"}
+    ),
     tables={"localizations": "localizations.csv"},
-    description="Spot detection and Poisson-MLE localization with Cramér-Rao uncertainties.",
+    description="Spot detection and Poisson-MLE (or learned network) localization with uncertainties.",
 )
 
 
@@ -625,7 +726,11 @@ def locate(image: np.ndarray, config: ScopestreamConfig | None = None, **setting
     frames = arr[None] if arr.ndim == 2 else arr
     if frames.ndim != 3:
         raise ValueError(f"expected a 2-D image or a 3-D stack, got shape {arr.shape}")
-    parts = [localizer.localize(frames[i], i) for i in range(frames.shape[0])]
+    if merged.method == "network":
+        network = _network_localizer(merged, config, localizer.sigma_px)
+        parts = [network.localize(_check_image(frames[i]), i) for i in range(frames.shape[0])]
+    else:
+        parts = [localizer.localize(frames[i], i) for i in range(frames.shape[0])]
     columns: dict[str, np.ndarray] = {
         "frame": np.concatenate([np.full(len(p), p.frame_seq, dtype=np.int64) for p in parts])
     }

@@ -1,0 +1,1 @@
+"""Learned spot detection and localization (heat map + sub-pixel offset + uncertainty)."""
