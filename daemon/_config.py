@@ -367,10 +367,24 @@ def _load_plugin(name: str) -> StagePlugin:
     return plugin
 
 
-def register_stage_plugin(plugin: StagePlugin) -> None:
-    """Register a stage without an entry point (notebooks, tests). Entry points are preferred."""
+def register_stage_plugin(plugin: StagePlugin, *, replace: bool = False) -> None:
+    """Register a stage without an entry point (notebooks, tests). Entry points are preferred.
+
+    Raises
+    ------
+    ValueError
+        If a stage of that name is installed (an entry point such as ``localize``) or already
+        registered, unless ``replace=True``: a notebook cell run twice, or a typo'd name, must not
+        silently change which stage a configuration runs.
+    """
     if not isinstance(plugin, StagePlugin):
         raise TypeError(f"register_stage_plugin takes a StagePlugin, not {type(plugin).__name__}")
+    if not replace:
+        if plugin.name in stage_plugin_names():
+            raise ValueError(f"a stage named {plugin.name!r} is installed (entry point); choose another name, "
+                             "or pass replace=True to shadow it")
+        if plugin.name in _REGISTERED and _REGISTERED[plugin.name] is not plugin:
+            raise ValueError(f"a stage named {plugin.name!r} is already registered; pass replace=True to replace it")
     _REGISTERED[plugin.name] = plugin
 
 

@@ -580,3 +580,24 @@ def test_metrics_read_the_accounting(
     assert m['scopestream_stage_counter{name="frames_seen",stage="recorder_test"}'] == 40
     status = daemon.status()
     assert (status.frames_received, status.frames_processed, status.frames_dropped) == (40, 40, 0)
+
+
+def test_registering_a_stage_never_silently_replaces_another():
+    """An installed stage (entry point) or a registered one is not shadowed by accident: the error
+    names the stage; replace=True is the explicit way."""
+    from scopestream.daemon._config import _REGISTERED, stage_plugins
+
+    impostor = StagePlugin("localize", _Settings, _Recorder)
+    with pytest.raises(ValueError, match="'localize' is installed"):
+        register_stage_plugin(impostor)
+    assert stage_plugins(["localize"])["localize"] is not impostor
+    twin = StagePlugin("recorder_test", _Settings, _Recorder)
+    with pytest.raises(ValueError, match="'recorder_test' is already registered"):
+        register_stage_plugin(twin)
+    original = _REGISTERED["recorder_test"]
+    register_stage_plugin(original)  # the same object again (a module imported twice) is fine
+    try:
+        register_stage_plugin(twin, replace=True)
+        assert stage_plugins(["recorder_test"])["recorder_test"] is twin
+    finally:
+        register_stage_plugin(original, replace=True)
