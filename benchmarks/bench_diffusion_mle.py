@@ -202,6 +202,7 @@ def pooled_bias(n_seeds: int, m: int) -> None:
     for exposure in (0.0, 1.0):
         blur = blur_coefficient(exposure, 1.0, SUBSTEPS) if exposure > 0 else 0.0
         per: dict[int, list[float]] = {20: [], 50: []}
+        per_se: dict[int, list[float]] = {20: [], 50: []}
         for seed in range(1, n_seeds + 1):
             sim = simulate(np.random.default_rng(seed), m, 301, d, exposure)
             d_truth = float(np.mean(np.diff(sim["truth"], axis=1) ** 2) / (2 * (1 - 2 * blur)))
@@ -217,11 +218,15 @@ def pooled_bias(n_seeds: int, m: int) -> None:
                                      exposure_frames=exposure, psf_sigma_px=float(sim["psf"]))
                 e = est.D[np.isfinite(est.D)]
                 per[n].append(100 * (e.mean() / d - 1))
-                cells.append(f"N={n} {per[n][-1]:+6.2f} (SE {100 * e.std() / d / np.sqrt(e.size):.2f})")
+                per_se[n].append(100 * e.std() / d / np.sqrt(e.size))
+                cells.append(f"N={n} {per[n][-1]:+6.2f} (SE {per_se[n][-1]:.2f})")
             print(f"R {blur:6.4f} seed {seed}: truth-MSD {100 * (d_truth / d - 1):+5.2f} %, cal {cal:.3f}; MLE bias % " + ", ".join(cells))
         for n, b in per.items():
             arr = np.array(b)
-            print(f"R {blur:6.4f} N {n}: MLE bias over {arr.size} draws {arr.mean():+.2f} % (SE {arr.std(ddof=1) / np.sqrt(arr.size):.2f})")
+            # Two SEs of the mean: from the draws' SEs (the model) and from their spread.
+            se_model = float(np.sqrt(np.sum(np.square(per_se[n]))) / arr.size)
+            print(f"R {blur:6.4f} N {n}: MLE bias over {arr.size} draws {arr.mean():+.2f} % "
+                  f"(SE {se_model:.2f} from the draws' SEs, {arr.std(ddof=1) / np.sqrt(arr.size):.2f} from their spread)")
     print(f"CPU {time.process_time() - t0:.0f} s")
 
 
