@@ -769,7 +769,8 @@ def estimate_batch(
                         kappa_step[j] = u_g.sum() / i_g.sum()
             correct = (np.abs(pooled_z) > 2.0) & (np.abs(kappa_step) <= POOLED_KAPPA_TOLERANCE)
             if correct.any():
-                # A small common miscalibration (localize's fit is 1-3 % above its bound) is
+                # A small common miscalibration (e.g. a camera or PSF unlike the calibration run of
+                # plugins/_loc_calibration.json, where localize is calibrated to ~1 %) is
                 # measured across the batch and corrected: refit with the variances times the
                 # pooled one-step kappa (precise to ~1/sqrt(sum I); it moves D by up to a few %
                 # where sigma^2 >> D dt). Then check again. Only the groups concerned.

@@ -27,7 +27,11 @@ Pipeline for one frame (all vectorized; no Python loop over pixels or spots):
      scanning camera.
 4. Uncertainty: every localization reports ``uncertainty_px``, the Mortensen et al. (2010)
    bound for the MLE, ``sqrt(F sa^2/N [1 + int_0^1 ln t/(1 + t/tau) dt]^-1)``, evaluated at
-   the fitted photons, background (+ read variance) and sigma.
+   the fitted photons, background (+ read variance) and sigma; for ``"mle"`` times the square
+   root of the static calibration factor ``f(q)`` measured against the simulator's truth (the
+   fit is above its asymptotic bound for faint spots, :mod:`scopestream.plugins._loc_calibration`),
+   so that the normalized errors of still spots have ``mean z^2 = 1``. Motion blur widens
+   the error further; the diffusion estimator corrects for it at its D.
 
 Batch API: :func:`locate` (like ``trackpy.locate``). Tables are pandas DataFrames when pandas
 can be imported, else dicts of 1-D numpy arrays (pandas is not a dependency).
@@ -56,6 +60,7 @@ from scopestream.plugins._gaussian_mle import (
     mortensen_mle_variance_px2,
     radial_symmetry_centres,
 )
+from scopestream.plugins._loc_calibration import static_variance_factor
 
 __all__ = [
     "LocalizeSettings",
@@ -181,9 +186,16 @@ class Localizer:
         The stage settings.
     config
         The configuration (camera model and optics); default: the default configuration.
+    calibrated
+        Report the statically calibrated uncertainty (method ``"mle"``); False: the raw
+        Mortensen bound (what the calibration run, ``benchmarks/calibrate_localization.py``,
+        measures against).
     """
 
-    def __init__(self, settings: LocalizeSettings, config: ScopestreamConfig | None = None) -> None:
+    def __init__(
+        self, settings: LocalizeSettings, config: ScopestreamConfig | None = None, *, calibrated: bool = True
+    ) -> None:
+        self.calibrated = calibrated
         config = config if config is not None else ScopestreamConfig()
         cam = config.camera
         self.settings = settings
@@ -440,6 +452,8 @@ class Localizer:
         var = mortensen_mle_variance_px2(
             n_ph[ok], bg[ok] + self._read_variance, sig[ok], excess_noise=self._excess_noise
         )
+        if self.calibrated and self.settings.method == "mle":
+            var = var * static_variance_factor(var, sig[ok])
         return Localizations(
             frame_seq=frame_seq,
             x=x[ok],
