@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from scopestream.daemon._stage import (
         Emission,
         FollowsTiming,
+        LooksAhead,
         Offload,
         ReportsCounters,
         RunContext,
@@ -70,6 +71,7 @@ _EXPORTS: dict[str, str] = {
     "StagePlugin": "scopestream.daemon._stage",
     "TakesSettings": "scopestream.daemon._stage",
     "FollowsTiming": "scopestream.daemon._stage",
+    "LooksAhead": "scopestream.daemon._stage",
     "TearsDown": "scopestream.daemon._stage",
     "installed_stage_plugins": "scopestream.daemon._stage",
     "load_stage_plugin": "scopestream.daemon._stage",
@@ -96,6 +98,7 @@ __all__ = [
     "StagePlugin",
     "TakesSettings",
     "FollowsTiming",
+    "LooksAhead",
     "TearsDown",
     "TrackUpdate",
     "TrackWindow",

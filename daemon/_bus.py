@@ -42,5 +42,18 @@ class FrameBus:
         except queue.Empty:
             return None
 
+    def take_waiting(self, limit: int) -> list[Frame]:
+        """Up to ``limit`` frames that are already waiting, without waiting for more."""
+        frames: list[Frame] = []
+        while len(frames) < limit:
+            try:
+                frame = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if frame is None:
+                continue
+            frames.append(frame)
+        return frames
+
     def depth(self) -> int:
         return self._queue.qsize()

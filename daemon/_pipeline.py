@@ -27,6 +27,7 @@ from scopestream.daemon._publish import EventRouter
 from scopestream.daemon._stage import (
     Emission,
     FollowsTiming,
+    LooksAhead,
     ReportsCounters,
     RunContext,
     Stage,
@@ -161,6 +162,28 @@ class Pipeline:
                     self.report(stage.name, exc, frame, what="timing_changed")
                     continue
                 self.publish(stage.name, emissions, frame)
+
+    @property
+    def look_ahead_frames(self) -> int:
+        """The most frames the stage thread takes at once when behind (1: no stage batches)."""
+        return max([1] + [int(s.look_ahead_frames) for s in self.stages if isinstance(s, LooksAhead)])
+
+    def look_ahead(self, frames: Sequence[Frame]) -> None:
+        """Let the :class:`LooksAhead` stages prepare ``frames`` in one batch (never raises: a
+        failure is reported, and ``process`` then does the work frame by frame)."""
+        if len(frames) < 2:
+            return
+        for stage in self.stages:
+            if not isinstance(stage, LooksAhead) or stage.look_ahead_frames < 2:
+                continue
+            t0 = time.perf_counter()
+            try:
+                stage.look_ahead(frames[: stage.look_ahead_frames])
+            except Exception as exc:  # noqa: BLE001 - the frames are still processed one by one
+                self.report(stage.name, exc, frames[0], what="look_ahead")
+            finally:
+                if self._metrics is not None:
+                    self._metrics.stage_latency.labels(stage.name).observe(time.perf_counter() - t0)
 
     def process(self, frame: Frame) -> None:
         """Run every stage on ``frame``, publishing what each returns; never raises for a stage."""

@@ -399,12 +399,20 @@ class Runner:
                     if self._source_done.is_set() and self._bus.depth() == 0:
                         return
                     continue
-                try:
-                    self.pipeline.process(frame)
-                finally:
-                    self.accounting.processed()
-                    if self._metrics is not None:
-                        self._metrics.frame_latency.observe(max(0.0, time.time() - frame.t_acquired))
+                batch = [frame]
+                look_ahead = self.pipeline.look_ahead_frames
+                if look_ahead > 1 and self._bus.depth() > 0:  # behind: let batching stages take the waiting frames together
+                    batch += self._bus.take_waiting(look_ahead - 1)
+                    self.pipeline.look_ahead(batch)
+                for i, each in enumerate(batch):
+                    if i:
+                        self.pipeline.apply_pending_settings()
+                    try:
+                        self.pipeline.process(each)
+                    finally:
+                        self.accounting.processed()
+                        if self._metrics is not None:
+                            self._metrics.frame_latency.observe(max(0.0, time.time() - each.t_acquired))
             except Exception:  # noqa: BLE001 - the pipeline guards the stages; this guards the rest
                 log.exception("unexpected error in the stage thread; it goes on")
 

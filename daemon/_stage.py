@@ -216,6 +216,25 @@ class FollowsTiming(Protocol):
 
 
 @runtime_checkable
+class LooksAhead(Protocol):
+    """A stage that does the same work faster for several frames at once (a network's batch).
+
+    When the engine is behind (frames wait on the bus), the stage thread takes up to
+    ``look_ahead_frames`` waiting frames at once and calls ``look_ahead`` with them, in order,
+    before ``process`` is called on each of them as usual. The stage may compute what ``process``
+    will need for those frames in one batch and keep it until then; it publishes nothing from
+    ``look_ahead``, and a failure there is reported and leaves ``process`` to do the work frame by
+    frame. ``look_ahead_frames`` of 1 turns batching off.
+    """
+
+    look_ahead_frames: int
+
+    def look_ahead(self, frames: Sequence[Frame]) -> None:
+        """Prepare ``frames`` (the current frame first) in one batch."""
+        ...
+
+
+@runtime_checkable
 class ReportsCounters(Protocol):
     """A stage with running totals to export as metrics (``scopestream_stage_counter``)."""
 

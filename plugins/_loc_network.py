@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,27 +160,21 @@ class NetworkLocalizer:
         """The backend's outputs for normalized frames ``(n, H, W)`` (multiples of the input multiple)."""
         return self._backend.run({"image": normalized[:, None]})
 
-    def localize(self, image: np.ndarray, frame_seq: int = 0) -> Localizations:
+    def localize(self, image: np.ndarray, frame_seq: int = 0, network_out: Mapping[str, np.ndarray] | None = None) -> Localizations:
         """Detect and localize the spots of one frame (ADU, 2-D, already checked).
 
-        Raises
-        ------
-        ValueError
-            If the frame has no finite pixel or is smaller than the network's input multiple.
-        """
-        return self.localize_scored(image, frame_seq)[0]
-
-    def localize_scored(self, image: np.ndarray, frame_seq: int = 0) -> tuple[Localizations, np.ndarray]:
-        """As :meth:`localize`, with each localization's heat-map confidence (0-1).
+        ``network_out``: this frame's network outputs if already computed (a batch of
+        :meth:`run_batch`), else the network runs on the frame here.
 
         Raises
         ------
         ValueError
             If the frame has no finite pixel or is smaller than the network's input multiple.
         """
-        from scopestream.models.localize._inputs import decode, normalize_photons, pad_to_multiple
+        return self.localize_scored(image, frame_seq, network_out)[0]
 
-        s = self.settings
+    def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(photons, non-finite mask or None) of one frame; non-finite pixels set to the median."""
         h, w = image.shape
         if h < self.multiple_px or w < self.multiple_px:
             raise ValueError(f"image {image.shape} is smaller than the network's {self.multiple_px} px minimum")
@@ -194,8 +189,51 @@ class NetworkLocalizer:
                 photons[bad] = np.median(photons[finite])
         photons -= np.float32(self._offset_adu)
         photons *= np.float32(self._photons_per_adu)
-        x = pad_to_multiple(normalize_photons(photons, self._read_variance), self.multiple_px)
-        out = self.run_network(x[None])
+        return photons, bad
+
+    def _network_input(self, photons: np.ndarray) -> np.ndarray:
+        """The network's normalized input of one frame, padded to the input multiple."""
+        from scopestream.models.localize._inputs import normalize_photons, pad_to_multiple
+
+        return pad_to_multiple(normalize_photons(photons, self._read_variance), self.multiple_px)
+
+    def run_batch(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray] | None]:
+        """The network's outputs for several frames in one call: per frame a dict for
+        :meth:`localize`'s ``network_out``, or None for a frame that cannot be batched (its own
+        error comes when it is localized). Frames of another shape than the first are not batched."""
+        inputs: list[np.ndarray] = []
+        where: list[int | None] = []
+        for image in images:
+            try:
+                if image.ndim != 2 or image.shape != images[0].shape:
+                    raise ValueError("not batchable")
+                x = self._network_input(self._prepare(image)[0])
+            except ValueError:
+                where.append(None)
+                continue
+            where.append(len(inputs))
+            inputs.append(x)
+        if not inputs:
+            return [None] * len(images)
+        out = self.run_network(np.stack(inputs))
+        return [None if i is None else {k: v[i:i + 1] for k, v in out.items()} for i in where]
+
+    def localize_scored(
+        self, image: np.ndarray, frame_seq: int = 0, network_out: Mapping[str, np.ndarray] | None = None,
+    ) -> tuple[Localizations, np.ndarray]:
+        """As :meth:`localize`, with each localization's heat-map confidence (0-1).
+
+        Raises
+        ------
+        ValueError
+            If the frame has no finite pixel or is smaller than the network's input multiple.
+        """
+        from scopestream.models.localize._inputs import decode
+
+        s = self.settings
+        h, w = image.shape
+        photons, bad = self._prepare(image)
+        out = network_out if network_out is not None else self.run_network(self._network_input(photons)[None])
         d = decode(out["heat"][0, 0], out["offset"][0], out["log_sigma"][0], self.stride_px, s.network_threshold, h, w,
                    self.nms_cells, self.pool_decoding, self.uncertainty_scale)
         n_cand = int(d.x_px.size)

@@ -112,6 +112,13 @@ class LocalizeSettings(BaseModel):
     )
     network_device: str = Field("cpu", description="Method 'network': device of the torch / TensorRT backend ('cpu', 'cuda', 'cuda:1').")
     network_threads: int = Field(1, ge=1, le=64, description="Method 'network': threads of one inference (ONNX Runtime intra-op, torch CPU).")
+    network_batch_frames: int = Field(
+        8, ge=1, le=64,
+        description=(
+            "Method 'network': when frames wait for analysis (the daemon is behind), run the network on up to this many "
+            "of them in one batch (1: never batch). A live daemon that keeps up runs it frame by frame."
+        ),
+    )
     psf_sigma_px: float | None = Field(
         None, gt=0.3, le=20,
         description="PSF standard deviation, px; None: 0.21 * optics.wavelength_nm / optics.na / optics.pixel_size_nm.",
@@ -636,6 +643,22 @@ class LocalizeStage:
         self._localizer = Localizer(settings, config)
         self._network: Any = None
         self._frame_shape: tuple[int, int] | None = None
+        self._ahead: dict[int, dict[str, np.ndarray]] = {}  # frame seq -> network outputs of a look-ahead batch
+
+    @property
+    def look_ahead_frames(self) -> int:
+        """Frames the network runs on at once when the daemon is behind (1 for the MLE methods)."""
+        return int(self._localizer.settings.network_batch_frames) if self._network is not None else 1
+
+    def look_ahead(self, frames: Sequence[Frame]) -> None:
+        """Method 'network': run the network once on ``frames`` (the :class:`LooksAhead` role);
+        :meth:`process` then decodes each frame's outputs."""
+        if self._network is None:
+            return
+        images = [frame.image for frame in frames]
+        for frame, out in zip(frames, self._network.run_batch(images), strict=True):
+            if out is not None:
+                self._ahead[frame.seq] = out
 
     def setup(self, context: RunContext) -> None:
         """Method 'network': load and check the model folder and warm the network up on the
@@ -657,6 +680,7 @@ class LocalizeStage:
         """Use new settings from the next frame on (a network is loaded here, not on the frame)."""
         old = self._localizer
         self._localizer = Localizer(settings, self._config)
+        self._ahead.clear()  # outputs of the old network
         try:
             self._prepare_network()
         except ValueError:
@@ -668,7 +692,10 @@ class LocalizeStage:
         """Localize the spots of one frame."""
         try:
             if self._network is not None:
-                locs = self._network.localize(_check_image(frame.image), frame.seq)
+                ahead = self._ahead.pop(frame.seq, None)
+                if self._ahead:  # never keep outputs of frames that were not processed after all
+                    self._ahead = {seq: out for seq, out in self._ahead.items() if seq > frame.seq}
+                locs = self._network.localize(_check_image(frame.image), frame.seq, ahead)
             else:
                 locs = self._localizer.localize(frame.image, frame.seq)
         except ValueError as exc:

@@ -185,11 +185,40 @@ class _Offloader:
         return []
 
 
+class _Batcher:
+    """A LooksAhead stage: records the batches it is offered and what process() finds prepared;
+    2 ms a frame, so a file source (read as fast as the bus takes frames) keeps frames waiting."""
+
+    name = "batcher_test"
+    look_ahead_frames = 4
+    instances: list[_Batcher] = []
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.prepared: set[int] = set()
+        self.processed: list[tuple[int, bool]] = []
+        _Batcher.instances.append(self)
+
+    def setup(self, context: RunContext) -> None:
+        pass
+
+    def look_ahead(self, frames: Sequence[Frame]) -> None:
+        self.batches.append([f.seq for f in frames])
+        self.prepared.update(f.seq for f in frames)
+
+    def process(self, frame: Frame, products: Products) -> Sequence[Emission]:
+        time.sleep(0.002)
+        self.processed.append((frame.seq, frame.seq in self.prepared))
+        self.prepared.discard(frame.seq)
+        return []
+
+
 register_stage_plugin(StagePlugin("recorder_test", _Settings, _Recorder, topics={"level": _Level},
                                   runtime_settable=frozenset({"level"})))
 register_stage_plugin(StagePlugin("bad_setup_test", _Settings, lambda c, s: _BadSetup()))
 register_stage_plugin(StagePlugin("garbage_test", _Settings, lambda c, s: _Garbage(), topics={"level": _Level}))
 register_stage_plugin(StagePlugin("wants_test", _Settings, lambda c, s: _Wants(), consumes=(MotionStates,)))
+register_stage_plugin(StagePlugin("batcher_test", _Settings, lambda c, s: _Batcher()))
 register_stage_plugin(StagePlugin("sleepy_test", _Settings, lambda c, s: _Slow()))
 register_stage_plugin(StagePlugin("offloader_test", _Settings, lambda c, s: _Offloader(), topics={"level": _Level}))
 
@@ -601,3 +630,25 @@ def test_registering_a_stage_never_silently_replaces_another():
         assert stage_plugins(["recorder_test"])["recorder_test"] is twin
     finally:
         register_stage_plugin(original, replace=True)
+
+
+def test_a_stage_that_looks_ahead_gets_the_waiting_frames_in_batches_and_processes_each_once(
+    tmp_path: Path, make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]
+) -> None:
+    """When frames wait on the bus, a LooksAhead stage is offered up to look_ahead_frames of them
+    (consecutive, the current frame first), then process() runs on each, in order, exactly once."""
+    write_stack(tmp_path / "s.tif", 80, shape=(16, 16))
+    _Batcher.instances.clear()
+    config = make_config("source.kind=file", f"source.file_path={tmp_path / 's.tif'}", "stages=[batcher_test]")
+    daemon = Daemon(config)
+    daemons.append(daemon)
+    daemon.start()
+    assert daemon.wait(30)
+    (stage,) = _Batcher.instances
+    assert [seq for seq, _ in stage.processed] == list(range(80))
+    assert stage.batches, "a file read faster than 2 ms a frame leaves frames waiting"
+    for batch in stage.batches:
+        assert 2 <= len(batch) <= 4 and batch == list(range(batch[0], batch[0] + len(batch)))
+    batched = {seq for batch in stage.batches for seq in batch}
+    assert all(prepared == (seq in batched) for seq, prepared in stage.processed)
+    assert daemon.runner.accounting.snapshot().processed == 80

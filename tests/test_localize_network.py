@@ -344,3 +344,42 @@ def test_analyze_with_a_missing_model_folder_exits_2_naming_it(tmp_path: Path) -
     )
     assert out.returncode == 2, out.stderr
     assert f"no model card {tmp_path / 'nowhere'}" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_look_ahead_batch_gives_the_frame_by_frame_result() -> None:
+    """When the daemon is behind, the network runs once on the waiting frames (LooksAhead); each
+    frame's localizations are those of running it alone (to float32 rounding), a frame that cannot
+    be batched (another size, all NaN) gets its own result or error, and nothing is kept after."""
+    config = load_config(None, ["stages=[localize]", "localize.method=network", "localize.network_model=widefield",
+                                "localize.network_batch_frames=8"])
+    stage = LocalizeStage(config, config.stage_settings("localize"))  # type: ignore[arg-type]
+    stage._prepare_network()  # noqa: SLF001 - what setup() does, without a run context
+    assert stage.look_ahead_frames == 8
+    rng = np.random.default_rng(SEED0 + 6)
+    images = [to_adu(rng, render_spots((48, 48), rng.uniform(5, 43, 4), rng.uniform(5, 43, 4), 1500.0, SIGMA_WF, 30.0))
+              for _ in range(5)]
+    images.insert(2, to_adu(rng, render_spots((40, 48), [20.3], [18.6], 1500.0, SIGMA_WF, 30.0)))  # another size
+    images.insert(4, np.full((48, 48), np.nan, np.float32))
+    frames = [Frame(seq=100 + i, image=im, t_acquired=0.0) for i, im in enumerate(images)]
+    alone: list[Localizations | None] = []
+    for f in frames:
+        try:
+            alone.append(stage._network.localize(f.image, f.seq))  # noqa: SLF001
+        except ValueError:
+            alone.append(None)
+    stage.look_ahead(frames)
+    assert sorted(stage._ahead) == [100, 101, 103, 105, 106]  # noqa: SLF001 - the batchable ones
+    for f, ref in zip(frames, alone, strict=True):
+        products = Products()
+        if ref is None:
+            with pytest.raises(ValueError, match="no finite pixel"):
+                stage.process(f, products)
+            continue
+        stage.process(f, products)
+        got = products.get(Localizations)
+        assert got is not None and len(got) == len(ref) and len(ref) >= 1
+        np.testing.assert_allclose(np.c_[got.x, got.y, got.uncertainty_px], np.c_[ref.x, ref.y, ref.uncertainty_px],
+                                   rtol=1e-4, atol=1e-4)
+    assert not stage._ahead  # noqa: SLF001
+    mle = LocalizeStage(config.model_copy(), LocalizeSettings())
+    assert mle.look_ahead_frames == 1  # the MLE does not batch
