@@ -116,6 +116,7 @@ class ParticleFollower:
         self.reassociate_px = reassociate_px
         self.field_px = min(width_px, height_px)
         self.state = FollowerState()
+        self.planned_frames = 1  # of the latest step: frames after its trigger that its move aims at
 
     def moved(self, dx_um: float, dy_um: float, t_done: float, stage_um: tuple[float, float], round_trip_s: float = 0.0) -> None:
         """Record a move the daemon carried out (``round_trip_s``: from the event's arrival to
@@ -200,6 +201,7 @@ class ParticleFollower:
             st.last_dt_s = dt
         st.last_world = (t_acq, wx, wy)
         lead_s = self.lead_s(t_acq, time.time() if now is None else now)
+        self.planned_frames = round(lead_s / self.period_s)  # the frame this move aims at, after the trigger
         # Lead only on a velocity that stands out of its own noise (the slow average's squared
         # length above 9 times its variance, 3 standard errors): directed motion is predicted, a
         # random walk is not (its average is noise).
@@ -228,9 +230,10 @@ def follow(
 ) -> dict[str, Any]:
     """Follow until ``frames`` track events were handled (None: until the run stops).
 
-    Returns counts: events, moves, refused moves, the followed particle, and ``loop_frames``:
-    for each frame that led to a move, in how many frames later the move first showed (1: the
-    next frame, the shortest loop a camera allows).
+    Returns counts: events, moves, refused moves, the followed particle, ``loop_frames``: for
+    each frame that led to a move, in how many frames later the move first showed (1: the next
+    frame, the shortest loop a camera allows), and ``planned_frames``: the frame the move was
+    aimed at (its lead); where the two differ the loop's timing guess was wrong.
     """
     sub = Subscriber(events, ["run_start", "track", "run_stop"])
     ctl = ControlClient(control)
@@ -246,6 +249,7 @@ def follow(
         follower.state.stage_um = (reply["state"]["x_um"], reply["state"]["y_um"])
         handled = moves = refused = 0
         loop_frames: dict[int, int] = {}  # trigger frame_seq -> frames until its move shows
+        planned_frames: dict[int, int] = {}  # trigger frame_seq -> frames the move was aimed at
         while frames is None or handled < frames:
             msg = sub.recv(timeout_s)
             # React to the newest frame only: a follower that fell behind skips stale events.
@@ -279,8 +283,9 @@ def follow(
             if msg.header.frame_seq is not None and msg.header.t_acquired is not None:
                 late_s = reply["t_done"] - msg.header.t_acquired + follower.exposure_s
                 loop_frames[msg.header.frame_seq] = max(1, math.ceil(late_s / follower.period_s))
+                planned_frames[msg.header.frame_seq] = follower.planned_frames
         return {"events": handled, "moves": moves, "refused": refused, "particle": follower.state.particle,
-                "run_id": status["run_id"], "loop_frames": loop_frames}
+                "run_id": status["run_id"], "loop_frames": loop_frames, "planned_frames": planned_frames}
     finally:
         sub.close()
         ctl.close()

@@ -125,6 +125,7 @@ def run_following(overrides: list[str], frames: int, follower: str = "client", l
                 for b in bodies if b["ok"] and b["trigger_frame_seq"] is not None and b["t_acquired"] is not None
             }
             result["moves"] = len(result["loop_frames"])
+            result["planned_frames"] = dict.fromkeys(result["loop_frames"], 1)  # the rule leads by one frame
         if thread is not None:
             thread.join(15)
     finally:
@@ -137,6 +138,12 @@ def run_following(overrides: list[str], frames: int, follower: str = "client", l
     served = {m + k for m, k in result.get("loop_frames", {}).items()}
     frames = [f for f, _ in truths if f >= 30]
     result["served"] = np.array([f in served for f in frames], dtype=bool)
+    # Frames whose move landed where the loop aimed it (the follower's lead = the frames its move
+    # really took): on these the following is exact up to the prediction; elsewhere the loop's timing
+    # guess was wrong (a late reply on a busy machine) and the frame shows one frame of motion.
+    planned = result.get("planned_frames", {})
+    on_plan = {m + k for m, k in result.get("loop_frames", {}).items() if planned.get(m) == k}
+    result["on_plan"] = np.array([f in on_plan for f in frames], dtype=bool)
     d = np.hypot(*result["offsets_px"].T)
     result["distances_px"] = np.where(np.isfinite(d), d, np.inf)
     return result
