@@ -12,7 +12,8 @@ seed * 1_000_003 + index with seed 0, 5 * 10**8 or 10**9) uses them.
     particle. A detection is true within eps px of the truth (one per image; duplicates are
     false); detections are ranked by each method's score (network: heat-map confidence; trackpy:
     mass; MLE: fitted photons; hybrid = network detections refined by the MLE, confidence; sparse =
-    the network with the sparse-particle decoding of its card's note, confidence) and the
+    the network with 7 x 7 maxima and positions pooled over 3 x 3 cells, confidence; the first scanning
+    model's sparse-particle variant, which the second model's own decoding -- 5 x 5, pooled -- supersedes) and the
     area under the precision-recall curve is the
     interpolated average precision (VOC). eps = 1, 2, 3 px (0.5, 1, 1.5 PSF sigma).
 (b) Widefield, exact pixel-integrated Gaussian spots (sigma 1.3 px, b = 100 photons/px, Poisson;

@@ -348,6 +348,18 @@ def _figures_md(fig: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _training_mix_md(spec: dict[str, Any]) -> str:
+    parts = []
+    f = float(spec.get("heavy_blur_fraction_train", 0.0))
+    if f > 0:
+        parts.append(f" Training set only (validation and test keep the ranges above): {f:.0%} of the scenes draw Dc "
+                     "log-uniform from [1.5, 10] um^2/s (heavy scan blur) instead.")
+    if spec.get("dense_offsets"):
+        parts.append(" Offsets (and log-sigmas) are trained at each particle's cell and the 8 cells around it (weighted by "
+                     "their heat target), so the decoder pools them.")
+    return "".join(parts)
+
+
 def _model_card_md(card: ModelCard, figures_md: str, figure_files: list[str]) -> str:
     t = card.training
     return f"""# Model card: {card.name} {card.version} ({card.input_spec.get('camera')} camera)
@@ -369,7 +381,7 @@ seed {t.get('test_seed')} ({t.get('test_frames')} frames, never used in training
 ({t.get('train_s', 0):.0f} s training, {t.get('data_s', 0):.0f} s simulation; {t.get('machine')}, torch threads {t.get('threads')}).
 
 **Data.** `scopestream.sim_camera` {card.input_spec['camera']} simulator, exact truth (scanning: the photon-weighted
-trajectory centroid over the beam's time on the particle). Scenes: {card.input_spec['scene_ranges']}. Targets: particles
+trajectory centroid over the beam's time on the particle). Scenes: {card.input_spec['scene_ranges']}.{_training_mix_md(card.input_spec)} Targets: particles
 with aperture SNR >= {card.input_spec['snr_target']}; cells around particles with SNR in [{card.input_spec['snr_ignore']},
 {card.input_spec['snr_target']}) are ignored by the loss.
 
