@@ -1,6 +1,6 @@
 """The learned localizer (``localize.method: network``) against trackpy and our MLE, on the same frames.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_localize_network.py [--quick]
+Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_localize_network.py [--quick] [--scanning-only ...]
 Needs the ``bench`` extra (trackpy, pandas). Seeds here start at 2 * 10**12: no training,
 validation or test scene of ``scopestream train localize`` (seeds < 1.1 * 10**15, of the form
 seed * 1_000_003 + index with seed 0, 5 * 10**8 or 10**9) uses them.
@@ -12,9 +12,12 @@ seed * 1_000_003 + index with seed 0, 5 * 10**8 or 10**9) uses them.
     particle. A detection is true within eps px of the truth (one per image; duplicates are
     false); detections are ranked by each method's score (network: heat-map confidence; trackpy:
     mass; MLE: fitted photons; hybrid = network detections refined by the MLE, confidence; sparse =
-    the network with the sparse-particle decoding of its card's note, confidence) and the
+    the network with 7 x 7 maxima and positions pooled over 3 x 3 cells, confidence; the first scanning
+    model's sparse-particle variant, which the second model's own decoding -- 5 x 5, pooled -- supersedes) and the
     area under the precision-recall curve is the
-    interpolated average precision (VOC). eps = 1, 2, 3 px (0.5, 1, 1.5 PSF sigma).
+    interpolated average precision (VOC). eps = 1, 2, 3 px (0.5, 1, 1.5 PSF sigma). Then a paired
+    bootstrap over images of AUC(network) - AUC(MLE) at eps = 2 px: is the network ahead beyond noise?
+    ``--scanning-only --first-image 400 --scanning-images N``: part (a) alone on fresh frames.
 (b) Widefield, exact pixel-integrated Gaussian spots (sigma 1.3 px, b = 100 photons/px, Poisson;
     tests/spot_images.py): RMSE per axis over the Cramér-Rao bound at N = 200, 500, 1000 photons,
     16 well-separated spots per 64 x 64 frame, network vs the hybrid (network detects, MLE refines:
@@ -87,7 +90,7 @@ def greedy_hits(x: np.ndarray, y: np.ndarray, score: np.ndarray, tx: float, ty: 
     return hit
 
 
-def scanning_protocol(n_images: int) -> None:
+def scanning_protocol(n_images: int, first_image: int = 0) -> None:
     import trackpy
 
     trackpy.quiet()
@@ -103,13 +106,14 @@ def scanning_protocol(n_images: int) -> None:
     mle = Localizer(LocalizeSettings(method="mle", psf_sigma_px=2.0, threshold_snr=2.5, min_separation_px=3.0,
                                      exclude_saturated=False), base)
     rows = []
+    boot: list[tuple[float, float, float, float]] = []
     for d_i, D in enumerate(D_VALUES):
         sim_settings = {"frame_height_px": 24, "frame_width_px": 25, "n_particles": 1, "margin_nm": 0.0,
                         "particle_kind": "point", "states": ["RanW"], "D_um2_per_s": D, "dwell_ms": 1e9,
                         "photons_per_frame": 1000.0, "background_photons_per_px": 5.0}
         physics = physics_from_config(base, **sim_settings)
         frames, truths = [], []
-        for i in range(n_images):
+        for i in range(first_image, first_image + n_images):
             sim = ScanningSimulator(physics, seed=SEED0 + 10**6 * d_i + i)
             img, truth = sim.next_frame()
             vis = truth[truth["visible"]]
@@ -140,6 +144,17 @@ def scanning_protocol(n_images: int) -> None:
             m = mle.localize(img)
             t_cpu["MLE"] += time.process_time() - t
             dets["MLE"].append((m.x, m.y, m.photons))
+        # Is the network ahead of the MLE beyond sampling noise? Paired bootstrap over images (both
+        # methods on the same resampled images) of AUC(network) - AUC(MLE) at eps = 2 px.
+        diffs = []
+        rng_b = np.random.default_rng(SEED0 + 9)
+        pairs = {name: [(sc, greedy_hits(x, y, sc, tx, ty, 2.0)) for (x, y, sc), (tx, ty) in zip(dets[name], truths, strict=True)]
+                 for name in ("network", "MLE")}
+        for _ in range(1000):
+            idx = rng_b.integers(0, len(truths), len(truths))
+            a = [average_precision([pairs[m][k][0] for k in idx], [pairs[m][k][1] for k in idx], len(idx))[0] for m in pairs]
+            diffs.append(a[0] - a[1])
+        boot.append((D, float(np.mean(diffs)), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))))
         blur = []
         for name, per_image in dets.items():
             aps = []
@@ -161,6 +176,9 @@ def scanning_protocol(n_images: int) -> None:
     for D, name, aps, ms in rows:
         cells = " ".join(f"{ap:11.3f} {p:5.2f}/{r:4.2f}" for ap, p, r in aps)
         print(f"   {D:8g} {name:>8} {cells} {ms:10.2f}")
+    print("\n   AUC(network) - AUC(MLE) at eps = 2 px, paired bootstrap over images (1000 resamples)")
+    for D, mean, lo, hi in boot:
+        print(f"   D = {D:g} um^2/s: {mean:+.3f}, 95 % interval [{lo:+.3f}, {hi:+.3f}]")
 
 
 def widefield_precision(n_frames: int) -> None:
@@ -305,10 +323,18 @@ def speed(rounds: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer frames (a smoke run)")
+    p.add_argument("--scanning-only", action="store_true", help="part (a) only")
+    p.add_argument("--scanning-images", type=int, default=None, help="images per D in part (a) (default 400; 60 with --quick)")
+    p.add_argument("--first-image", type=int, default=0,
+                   help="index of the first scanning image (seed SEED0 + 10**6 * D index + index); 400 onwards are "
+                   "fresh frames the default run never used")
     args = p.parse_args()
     q = args.quick
     t0, c0 = time.perf_counter(), time.process_time()
-    scanning_protocol(60 if q else 400)
+    scanning_protocol(args.scanning_images or (60 if q else 400), args.first_image)
+    if args.scanning_only:
+        print(f"\nbench_localize_network: {time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU")
+        return
     widefield_precision(8 if q else 60)
     widefield_density(4 if q else 25)
     speed(2 if q else 10)

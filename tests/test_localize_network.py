@@ -297,6 +297,27 @@ def test_tiny_training_run_learns_and_writes_a_loadable_model_folder(tmp_path: P
         assert (tmp_path / name).is_file(), name
 
 
+def test_dense_offset_targets_point_every_cell_near_a_particle_at_it() -> None:
+    from scopestream.models.localize._inputs import decode, heat_targets
+
+    # Two particles two cells apart (they share the neighbour cells between them) and one at an edge.
+    x, y = np.array([5.2, 9.3, 0.4]), np.array([6.1, 6.3, 14.9])
+    heat, off, mask = heat_targets(x, y, (16, 16), 2, dense_offsets=True)
+    i, j = np.nonzero(mask)
+    px, py = 2 * j + 0.5 + off[0, i, j], 2 * i + 0.5 + off[1, i, j]
+    # Every supervised cell's centre + offset is exactly one of the particles, the nearest one
+    # (its own cell keeps its particle), and the targets stay within the head's range (2 strides).
+    d = np.hypot(px[:, None] - x[None], py[:, None] - y[None])
+    assert np.allclose(d.min(axis=1), 0.0, atol=1e-5)
+    cell_d = np.hypot(2 * j[:, None] + 0.5 - x[None], 2 * i[:, None] + 0.5 - y[None])
+    assert np.all(d.argmin(axis=1) == cell_d.argmin(axis=1))
+    assert np.abs(off).max() <= 4.0
+    assert int((mask == 1).sum()) == 3 and int((mask > 0).sum()) == 3 + 8 + 8 - 3 + 3  # shared cells once; edge: 3 neighbours
+    # Pooled decoding of the targets themselves gives the particles back.
+    dec = decode(heat, off, np.zeros_like(off), 2, 0.5, 16, 16, 3, pool=True)
+    assert np.allclose(np.sort(dec.x_px), np.sort(x), atol=1e-5)
+
+
 @pytest.mark.parametrize("camera", ["scanning", "widefield"])
 def test_shipped_model_folders_are_complete_and_small(camera: str) -> None:
     path = shipped_model_dir(camera)
@@ -312,6 +333,7 @@ def test_shipped_model_folders_are_complete_and_small(camera: str) -> None:
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--size", "30"], "--size must be a multiple of 4"),
     (["--nms-cells", "4"], "--nms-cells must be a positive odd number"),
+    (["--heavy-blur-fraction", "1.5"], "--heavy-blur-fraction must be within [0, 1]"),
 ])
 def test_train_cli_bad_input_exits_2_with_one_paragraph(tmp_path: Path, args: list[str], message: str) -> None:
     out = subprocess.run([sys.executable, "-m", "scopestream.daemon._cli", "train", "localize", "--camera", "widefield",

@@ -63,13 +63,23 @@ SCENE_RANGES: dict[str, dict[str, Any]] = {
 }
 
 
-def scene_settings(camera: str, rng: np.random.Generator, size_px: int) -> tuple[dict[str, Any], int]:
-    """Random ``simulation`` settings of one scene, and its particle count."""
+HEAVY_BLUR_D_UM2_PER_S = (1.5, 10.0)
+
+
+def scene_settings(camera: str, rng: np.random.Generator, size_px: int,
+                   heavy_blur_fraction: float = 0.0) -> tuple[dict[str, Any], int]:
+    """Random ``simulation`` settings of one scene, and its particle count.
+
+    ``heavy_blur_fraction`` (scanning only): the fraction of scenes whose central D is drawn
+    log-uniform from :data:`HEAVY_BLUR_D_UM2_PER_S` (heavy scan blur) instead of [0.05, 10] um^2/s;
+    0 (the validation and test sets) keeps the recorded scene ranges and draws exactly (no extra draw).
+    """
     s: dict[str, Any] = {"frame_height_px": size_px, "frame_width_px": size_px, "margin_nm": 400.0,
                          "dwell_ms": 1e9, "z_start_nm": 0.0}
     if camera == "scanning":
         low = float(math.exp(rng.uniform(math.log(150), math.log(3000))))
-        d_centre = float(math.exp(rng.uniform(math.log(0.05), math.log(10.0))))
+        d_low, d_high = HEAVY_BLUR_D_UM2_PER_S if heavy_blur_fraction > 0 and rng.random() < heavy_blur_fraction else (0.05, 10.0)
+        d_centre = float(math.exp(rng.uniform(math.log(d_low), math.log(d_high))))
         s.update(
             background_photons_per_px=float(math.exp(rng.uniform(0.0, math.log(30.0)))),
             photons_per_frame=(low, 2 * low),
@@ -133,8 +143,13 @@ def _simulator(camera: str, config: ScopestreamConfig, sim: dict[str, Any], n: i
 def simulate_set(
     camera: str, n_frames: int, seed: int, *, size_px: int = 32, frames_per_scene: int = 8,
     config: ScopestreamConfig | None = None, progress: Callable[[int], None] | None = None,
+    heavy_blur_fraction: float = 0.0, dense_offsets: bool = False,
 ) -> FrameSet:
-    """``n_frames`` simulated frames of ``camera`` with targets (see the module docstring)."""
+    """``n_frames`` simulated frames of ``camera`` with targets (see the module docstring).
+
+    ``heavy_blur_fraction``: see :func:`scene_settings`; ``dense_offsets``: see
+    :func:`~scopestream.models.localize._inputs.heat_targets`.
+    """
     config = config if config is not None else ScopestreamConfig()
     cam = config.camera
     photons_per_adu = cam.gain_e_per_adu / cam.em_gain
@@ -151,7 +166,7 @@ def simulate_set(
     while k < n_frames:
         scene_seed = seed * 1_000_003 + scene_index
         rng = np.random.default_rng(scene_seed)
-        sim_settings, n = scene_settings(camera, rng, size_px)
+        sim_settings, n = scene_settings(camera, rng, size_px, heavy_blur_fraction)
         simulator = _simulator(camera, config, sim_settings, n, scene_seed)
         sigma_px = (
             sim_settings["scan_sigma_xy_nm"] if camera == "scanning" else sim_settings["psf_sigma_nm"]
@@ -164,7 +179,8 @@ def simulate_set(
             vis = truth[truth["visible"]]
             snr = snr_of(vis["photons"], sigma_px, bg, read_var)
             target = snr >= SNR_TARGET
-            heat[k], offset[k], mask[k] = heat_targets(vis["x"][target], vis["y"][target], (size_px, size_px), STRIDE_PX)
+            heat[k], offset[k], mask[k] = heat_targets(vis["x"][target], vis["y"][target], (size_px, size_px), STRIDE_PX,
+                                                       dense_offsets=dense_offsets)
             amb = (snr >= SNR_IGNORE) & ~target
             for x, y in zip(vis["x"][amb], vis["y"][amb], strict=True):
                 i, j = int((y + 0.5) // STRIDE_PX), int((x + 0.5) // STRIDE_PX)

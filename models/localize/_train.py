@@ -68,6 +68,14 @@ class TrainSettings:
     threads: int = 1
     progress: bool = True
     command: str = ""
+    dense_offsets: bool = False
+    pool_decoding: bool = False
+    heavy_blur_fraction: float = 0.0
+
+    @property
+    def offset_scale_px(self) -> float:
+        """The head's offset range: 2 strides with dense offsets (neighbour cells), else 1."""
+        return float(2 * STRIDE_PX if self.dense_offsets else STRIDE_PX)
 
 
 def _tqdm(progress: bool, **kw: Any) -> Any:
@@ -88,8 +96,12 @@ def _git_commit() -> str:
 
 
 def _simulate(settings: TrainSettings, n: int, seed: int, name: str) -> FrameSet:
+    # The heavy-blur weighting is for the training set only: validation and test keep the card's
+    # scene ranges, so their figures compare across models.
+    blur = settings.heavy_blur_fraction if name == "train" else 0.0
     with _tqdm(settings.progress, total=n, desc=f"simulate {name}", unit="frame") as bar:
-        return simulate_set(settings.camera, n, seed, size_px=settings.size_px, progress=bar.update)
+        return simulate_set(settings.camera, n, seed, size_px=settings.size_px, progress=bar.update,
+                            heavy_blur_fraction=blur, dense_offsets=settings.dense_offsets)
 
 
 def _augment(batch: list[Any], generator: Any) -> list[Any]:
@@ -118,7 +130,9 @@ def losses(model: Any, img: Any, heat: Any, off: Any, mask: Any, weight: Any) ->
     raw = model.logits(img)
     logit = raw[:, 0]
     p = torch.sigmoid(logit).clamp(1e-4, 1 - 1e-4)
-    pos = mask > 0
+    # mask: 1 at particle cells (the heat map's positives), in (0, 1) at the cells around them where
+    # dense offsets are trained (their offset-loss weight), 0 elsewhere.
+    pos = mask >= 1
     n_pos = pos.sum().clamp(min=1)
     # CenterNet focal loss (alpha 2, beta 4), cells around ambiguous particles ignored.
     log_p = F.logsigmoid(logit)
@@ -126,11 +140,11 @@ def losses(model: Any, img: Any, heat: Any, off: Any, mask: Any, weight: Any) ->
     l_pos = -((1 - p) ** 2) * log_p * pos
     l_neg = -((1 - heat) ** 4) * (p**2) * log_1p * (~pos) * weight
     l_heat = (l_pos.sum() + l_neg.sum()) / n_pos
-    pred_off = torch.tanh(raw[:, 1:3]) * float(STRIDE_PX)
+    pred_off = torch.tanh(raw[:, 1:3]) * float(model.offset_scale_px)
     log_sigma = torch.clamp(raw[:, 3:5], -6.0, 3.0)
     d = pred_off - off
     nll = 0.5 * (d / torch.exp(log_sigma)) ** 2 + log_sigma
-    l_loc = ((nll + 0.5 * d**2).sum(dim=1) * pos).sum() / n_pos
+    l_loc = ((nll + 0.5 * d**2).sum(dim=1) * mask).sum() / n_pos
     return l_heat + l_loc, l_heat, l_loc
 
 
@@ -161,7 +175,7 @@ def match(x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: np.ndarray, radius_p
 
 
 def evaluate(maps: tuple[np.ndarray, np.ndarray, np.ndarray], test: FrameSet, threshold: float,
-             radius_px: float, nms_cells: int = 3, sigma_scale: float = 1.0) -> dict[str, Any]:
+             radius_px: float, nms_cells: int = 3, sigma_scale: float = 1.0, pool: bool = False) -> dict[str, Any]:
     """Detection and localization figures on a test set (see the module docstring)."""
     heat, off, logs = maps
     tp = fp = fn = 0
@@ -171,7 +185,7 @@ def evaluate(maps: tuple[np.ndarray, np.ndarray, np.ndarray], test: FrameSet, th
     found_snr: list[np.ndarray] = []
     size = test.images.shape[-1]
     for k in range(len(heat)):
-        d = decode(heat[k], off[k], logs[k], STRIDE_PX, threshold, size, size, nms_cells, sigma_scale=sigma_scale)
+        d = decode(heat[k], off[k], logs[k], STRIDE_PX, threshold, size, size, nms_cells, pool, sigma_scale=sigma_scale)
         t = test.truth[k]
         i, j = match(d.x_px, d.y_px, t[:, 0], t[:, 1], radius_px)
         tp += len(i)
@@ -261,7 +275,8 @@ def _plot(curves: dict[str, list[float]], fig: dict[str, Any], test: FrameSet, m
     for a, k in zip(axes.ravel(), range(8), strict=False):
         a.imshow(test.images[k], cmap="gray")
         t = test.truth[k]
-        d = decode(heat[k], off[k], logs[k], STRIDE_PX, settings.threshold, size, size, settings.nms_cells)
+        d = decode(heat[k], off[k], logs[k], STRIDE_PX, settings.threshold, size, size, settings.nms_cells,
+                   settings.pool_decoding)
         a.plot(t[:, 0], t[:, 1], "o", mfc="none", mec="lime", ms=9)
         a.plot(d.x_px, d.y_px, "r+", ms=9)
         a.set_axis_off()
@@ -296,7 +311,8 @@ def export_model_folder(model: Any, settings: TrainSettings, folder: Path, card_
     card = ModelCard(
         name=MODEL_NAME, version=MODEL_VERSION,
         task=f"detection and sub-pixel localization of particles in {settings.camera} frames, with a confidence and an uncertainty",
-        architecture="locnet", architecture_config={"channels": settings.channels, "full_skip": settings.full_skip},
+        architecture="locnet", architecture_config={"channels": settings.channels, "full_skip": settings.full_skip,
+                             **({"offset_scale_px": settings.offset_scale_px} if settings.dense_offsets else {})},
         inputs=[TensorSpec(name="image", shape=[-1, 1, side, side])],
         outputs=[TensorSpec(name="heat", shape=[-1, 1, c, c]), TensorSpec(name="offset", shape=[-1, 2, c, c]),
                  TensorSpec(name="log_sigma", shape=[-1, 2, c, c])],
@@ -304,6 +320,8 @@ def export_model_folder(model: Any, settings: TrainSettings, folder: Path, card_
             "camera": settings.camera, "normalization": "asinh((photons - median) / sqrt(max(median, 0) + read_variance + 1))",
             "stride_px": STRIDE_PX, "input_multiple_px": INPUT_MULTIPLE_PX, "dynamic_height_width": True,
             "threshold": settings.threshold, "nms_cells": settings.nms_cells, "uncertainty_scale": sigma_scale,
+            "pool_decoding": settings.pool_decoding, "dense_offsets": settings.dense_offsets,
+            "heavy_blur_fraction_train": settings.heavy_blur_fraction,
             "pixel_size_nm": 100.0, "scene_ranges": SCENE_RANGES[settings.camera],
             "snr_target": SNR_TARGET, "snr_ignore": SNR_IGNORE,
         },
@@ -330,6 +348,18 @@ def _figures_md(fig: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _training_mix_md(spec: dict[str, Any]) -> str:
+    parts = []
+    f = float(spec.get("heavy_blur_fraction_train", 0.0))
+    if f > 0:
+        parts.append(f" Training set only (validation and test keep the ranges above): {f:.0%} of the scenes draw Dc "
+                     "log-uniform from [1.5, 10] um^2/s (heavy scan blur) instead.")
+    if spec.get("dense_offsets"):
+        parts.append(" Offsets (and log-sigmas) are trained at each particle's cell and the 8 cells around it (weighted by "
+                     "their heat target), so the decoder pools them.")
+    return "".join(parts)
+
+
 def _model_card_md(card: ModelCard, figures_md: str, figure_files: list[str]) -> str:
     t = card.training
     return f"""# Model card: {card.name} {card.version} ({card.input_spec.get('camera')} camera)
@@ -341,7 +371,7 @@ convolutional: any frame whose height and width are multiples of {card.input_spe
 pads other frames at the bottom and right). Input `image` (exported at {card.inputs[0].shape}, dynamic batch, height,
 width); outputs `heat` (confidence per 2 x 2 px cell), `offset` (x, y from the cell centre, px) and `log_sigma`
 (log standard error of x and y, px). Decoding: maxima of `heat` over {card.input_spec['nms_cells']} x {card.input_spec['nms_cells']}
-cells at or above {card.input_spec['threshold']}.
+cells at or above {card.input_spec['threshold']}{'; position pooled over the 3 x 3 cells around the peak (offsets trained densely there)' if card.input_spec.get('pool_decoding') else ''}.
 
 **Input.** {card.input_spec['normalization']} (`scopestream.models.localize._inputs.normalize_photons`).
 
@@ -351,7 +381,7 @@ seed {t.get('test_seed')} ({t.get('test_frames')} frames, never used in training
 ({t.get('train_s', 0):.0f} s training, {t.get('data_s', 0):.0f} s simulation; {t.get('machine')}, torch threads {t.get('threads')}).
 
 **Data.** `scopestream.sim_camera` {card.input_spec['camera']} simulator, exact truth (scanning: the photon-weighted
-trajectory centroid over the beam's time on the particle). Scenes: {card.input_spec['scene_ranges']}. Targets: particles
+trajectory centroid over the beam's time on the particle). Scenes: {card.input_spec['scene_ranges']}.{_training_mix_md(card.input_spec)} Targets: particles
 with aperture SNR >= {card.input_spec['snr_target']}; cells around particles with SNR in [{card.input_spec['snr_ignore']},
 {card.input_spec['snr_target']}) are ignored by the loss.
 
@@ -383,7 +413,8 @@ def train_localize(settings: TrainSettings, log: Callable[[str], None] = print) 
     val = _simulate(settings, settings.val_frames, VAL_SEED_OFFSET + settings.seed, "validation")
     test = _simulate(settings, settings.test_frames, TEST_SEED_OFFSET + settings.seed, "test")
     t_data = time.perf_counter() - t0
-    model = create_model("locnet", channels=settings.channels, full_skip=settings.full_skip)
+    model = create_model("locnet", channels=settings.channels, full_skip=settings.full_skip,
+                         offset_scale_px=settings.offset_scale_px)
     n_params = sum(p.numel() for p in model.parameters())
     tensors = [torch.from_numpy(a) for a in (train.images[:, None], train.heat, train.offset, train.mask, train.weight)]
     vt = [torch.from_numpy(a) for a in (val.images[:, None], val.heat, val.offset, val.mask, val.weight)]
@@ -413,7 +444,8 @@ def train_localize(settings: TrainSettings, log: Callable[[str], None] = print) 
             model.eval()
             with torch.inference_mode():
                 vloss = float(losses(model, *vt)[0])
-            vfig = evaluate(predict(model, val.images), val, settings.threshold, settings.match_radius_px, settings.nms_cells)
+            vfig = evaluate(predict(model, val.images), val, settings.threshold, settings.match_radius_px, settings.nms_cells,
+                            pool=settings.pool_decoding)
             curves["train_loss"].append(total / len(train.images))
             curves["val_loss"].append(vloss)
             curves["val_recall"].append(vfig["recall"])
@@ -424,10 +456,12 @@ def train_localize(settings: TrainSettings, log: Callable[[str], None] = print) 
             bar.update(1)
     train_s = time.perf_counter() - t1
     # Calibration of the predicted uncertainty on the validation set (not the test set, which checks it).
-    vfig = evaluate(predict(model, val.images), val, settings.threshold, settings.match_radius_px, settings.nms_cells)
+    vfig = evaluate(predict(model, val.images), val, settings.threshold, settings.match_radius_px, settings.nms_cells,
+                            pool=settings.pool_decoding)
     sigma_scale = float(vfig["calibration_std_z"]) if np.isfinite(vfig["calibration_std_z"]) else 1.0
     maps = predict(model, test.images)
-    fig = evaluate(maps, test, settings.threshold, settings.match_radius_px, settings.nms_cells, sigma_scale)
+    fig = evaluate(maps, test, settings.threshold, settings.match_radius_px, settings.nms_cells, sigma_scale,
+                   settings.pool_decoding)
     pngs = _plot(curves, fig, test, maps, settings, out)
     total_s = time.perf_counter() - t0
     public = {k: v for k, v in fig.items() if not k.startswith("_")}
@@ -456,6 +490,7 @@ def train_localize(settings: TrainSettings, log: Callable[[str], None] = print) 
             "test_seed": TEST_SEED_OFFSET + settings.seed, "test_frames": settings.test_frames, "time_s": total_s,
             "train_s": train_s, "data_s": t_data, "threads": settings.threads, "parameters": n_params,
             "machine": f"{platform.node()} {sys.platform}", "batch_size": settings.batch_size, "lr": settings.lr,
+            "dense_offsets": settings.dense_offsets, "heavy_blur_fraction": settings.heavy_blur_fraction,
         },
         "test": public,
     }

@@ -35,6 +35,12 @@ def add_localize_parser(sub: Any) -> None:
     m.add_argument("--no-full-skip", action="store_true", help="no full-resolution skip into the head (the smaller 41k network)")
     m.add_argument("--nms-cells", type=int, default=None,
                    help="decoding neighbourhood, cells (odd; default 5 for scanning: blurred spots, 3 for widefield: dense spots)")
+    m.add_argument("--dense-offsets", action=argparse.BooleanOptionalAction, default=None,
+                   help="train offsets at the 3 x 3 cells around each particle and decode by pooling them "
+                   "(default on for scanning: blurred spots spread over several cells; off for widefield)")
+    m.add_argument("--heavy-blur-fraction", type=float, default=None,
+                   help="fraction of training scenes with D drawn from [1.5, 10] um^2/s (scanning; default 0.5 for "
+                   "scanning, 0 for widefield); validation and test sets keep the recorded ranges")
     m.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
     m.set_defaults(func=_cmd_train_localize)
@@ -49,6 +55,10 @@ def _cmd_train_localize(args: argparse.Namespace) -> int:
     nms = args.nms_cells if args.nms_cells is not None else (5 if args.camera == "scanning" else 3)
     if nms < 1 or nms % 2 == 0:
         raise InputError(f"--nms-cells must be a positive odd number, got {nms}")
+    dense = args.dense_offsets if args.dense_offsets is not None else args.camera == "scanning"
+    blur = args.heavy_blur_fraction if args.heavy_blur_fraction is not None else (0.5 if args.camera == "scanning" else 0.0)
+    if not 0.0 <= blur <= 1.0:
+        raise InputError(f"--heavy-blur-fraction must be within [0, 1], got {blur}")
     if args.size_px % 4:
         raise InputError(f"--size must be a multiple of 4 (the network's input multiple), got {args.size_px}")
     try:
@@ -66,7 +76,7 @@ def _cmd_train_localize(args: argparse.Namespace) -> int:
         camera=args.camera, out=args.out, seed=args.seed, train_frames=args.train_frames, test_frames=args.test_frames,
         size_px=args.size_px, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, channels=args.channels,
         threads=args.threads, progress=not args.no_progress, command=command, full_skip=not args.no_full_skip,
-        nms_cells=nms,
+        nms_cells=nms, dense_offsets=dense, pool_decoding=dense, heavy_blur_fraction=blur,
     )
     train_localize(settings)
     return 0

@@ -4,7 +4,7 @@ Input: one normalized frame ``(N, 1, H, W)`` (:func:`scopestream.models.localize
 ``H`` and ``W`` multiples of :data:`INPUT_MULTIPLE_PX` (4). Outputs on a grid of stride
 :data:`STRIDE_PX` (2): ``heat`` ``(N, 1, H/2, W/2)``, the probability that a particle's position
 lies in the cell; ``offset`` ``(N, 2, H/2, W/2)``, the position's (x, y) offset from the cell
-centre in px; ``log_sigma`` ``(N, 2, H/2, W/2)``, the natural log of the predicted standard error
+centre in px (within +-``offset_scale_px``: 2, or 4 for models trained with dense offsets); ``log_sigma`` ``(N, 2, H/2, W/2)``, the natural log of the predicted standard error
 of x and y, px. The cell ``(i, j)`` covers pixels ``2i, 2i+1`` (rows) and ``2j, 2j+1`` (columns);
 its centre is at ``(x, y) = (2j + 0.5, 2i + 0.5)`` in pixel coordinates (centre of pixel (0, 0)
 at 0.0).
@@ -38,8 +38,12 @@ def _block(c_in: int, c_out: int, stride: int = 1, dilation: int = 1) -> nn.Sequ
 class LocNet(nn.Module):
     """Heat map / offset / log-sigma network; see the module docstring for shapes."""
 
-    def __init__(self, channels: int = 10, full_skip: bool = False) -> None:
+    def __init__(self, channels: int = 10, full_skip: bool = False, offset_scale_px: float = float(STRIDE_PX)) -> None:
         super().__init__()
+        # The largest offset the head can predict, px (tanh * scale): one stride for offsets trained at
+        # the particle's own cell; 2 strides where the cells around it are trained too (dense offsets:
+        # a neighbour cell's centre is up to 1.5 strides from the particle).
+        self.offset_scale_px = float(offset_scale_px)
         c1, c2, c3 = channels, 2 * channels, 3 * channels
         self.full_skip = full_skip
         self.full = nn.Sequential(_block(1, c1), _block(c1, c1))
@@ -56,7 +60,7 @@ class LocNet(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.logits(image)
         heat = torch.sigmoid(out[:, 0:1])
-        offset = torch.tanh(out[:, 1:3]) * float(STRIDE_PX)
+        offset = torch.tanh(out[:, 1:3]) * self.offset_scale_px
         log_sigma = torch.clamp(out[:, 3:5], -6.0, 3.0)
         return heat, offset, log_sigma
 
@@ -72,7 +76,7 @@ class LocNet(nn.Module):
 
 
 @register_model
-def locnet(channels: int = 10, full_skip: bool = False) -> LocNet:
+def locnet(channels: int = 10, full_skip: bool = False, offset_scale_px: float = float(STRIDE_PX)) -> LocNet:
     """The localization network with ``channels`` feature maps at full resolution (``full_skip``:
-    they also feed the head, folded to the output grid)."""
-    return LocNet(channels=channels, full_skip=full_skip)
+    they also feed the head, folded to the output grid); offsets within +-``offset_scale_px``."""
+    return LocNet(channels=channels, full_skip=full_skip, offset_scale_px=offset_scale_px)
