@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from scopestream.daemon._config import build_config
+from scopestream.models._backends import ModelRef
 from scopestream.models.diffusion._data import (
     DataSettings,
     StackSet,
@@ -44,7 +45,7 @@ from scopestream.models.diffusion._data import (
 )
 from scopestream.models.diffusion._inputs import StackSpec, stack_input
 from scopestream.plugins._diffusion_mle import displacement_series, estimate_batch, warm_up_kernel
-from scopestream.plugins._diffusion_network import NetworkRef, default_model_dir, load_network
+from scopestream.plugins._diffusion_network import default_model_dir, load_network
 from scopestream.plugins.localize import locate
 
 FLOOR = 1e-4
@@ -84,7 +85,7 @@ def main() -> None:
     args = ap.parse_args()
     n_mosaics = 3 if args.quick else args.mosaics
     spec, data = StackSpec(), DataSettings()
-    ref = NetworkRef(str(args.model_dir or default_model_dir()), "onnxruntime", "cpu", 1)
+    ref = ModelRef(str(args.model_dir or default_model_dir()), "onnxruntime", "cpu", 1)
     folder, backend = load_network(ref)
     warm_up_kernel()  # numba compiles here, not in the timed MLE
     print(f"# bench_diffusion_network  {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC  model {folder.card.name} "

@@ -96,7 +96,8 @@ def robustness(backend: OnnxRuntimeBackend, spec: InputSpec, movies: int) -> Non
 
 
 def speed(folder, spec: InputSpec) -> None:  # type: ignore[no-untyped-def]
-    from scopestream.plugins.motion import _ModelRef, classify_windows
+    from scopestream.models._backends import ModelRef
+    from scopestream.plugins.motion import classify_windows
 
     print("\n## Speed (one core)\n")
     backend = OnnxRuntimeBackend(threads=1)
@@ -114,7 +115,7 @@ def speed(folder, spec: InputSpec) -> None:  # type: ignore[no-untyped-def]
     pixels = (100 + rng.poisson(30, (200, 25, 25))).astype(np.float32)
     pixels[:, 10:15, 10:15] += rng.poisson(300, (200, 5, 5))
     pos = np.c_[12 + rng.normal(0, 0.3, 200), 12 + rng.normal(0, 0.3, 200)]
-    ref = _ModelRef(str(folder.path), "onnxruntime", "cpu", 1)
+    ref = ModelRef(str(folder.path), "onnxruntime", "cpu", 1)
     classify_windows(ref, [pixels], [pos])
     jobs, cpus = [], []
     for _ in range(32):
@@ -133,8 +134,9 @@ def speed(folder, spec: InputSpec) -> None:  # type: ignore[no-untyped-def]
 def switch_delay(seeds: int) -> None:
     from scopestream.daemon._config import load_config
     from scopestream.daemon._frames import Frame
+    from scopestream.models._backends import ModelRef
     from scopestream.plugins.localize import Localizer, LocalizeSettings
-    from scopestream.plugins.motion import _ModelRef, _WindowCutter, classify_windows
+    from scopestream.plugins.motion import _WindowCutter, classify_windows
     from scopestream.plugins.track import Tracker, TrackSettings
     from scopestream.sim_camera import simulate_stack
 
@@ -143,7 +145,7 @@ def switch_delay(seeds: int) -> None:
              "circ_speed_um_per_s": 10.0, "circ_radius_nm": [300.0, 400.0], "vesicle_diameter_nm": 200.0,
              "blink_on_mean_ms": 200.0, "blink_off_mean_ms": 100.0, "bleach_half_life_ms": 20000.0}
     config = load_config(None, ["stages=[localize, track]"], preset={"simulation": scene})
-    ref = _ModelRef(str(default_model_dir()), "onnxruntime", "cpu", 1)
+    ref = ModelRef(str(default_model_dir()), "onnxruntime", "cpu", 1)
     delays = []
     for seed in range(seeds * 4):
         movie, truth = simulate_stack(config, "widefield", n_frames=800, size_px=64, n_particles=1, seed=seed)

@@ -15,14 +15,19 @@ The stage that uses one does not know which it has. Each backend imports its run
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from scopestream.models._card import ModelFolder, ModelLoadError
 
-__all__ = ["BACKENDS", "InferenceBackend", "OnnxRuntimeBackend", "TensorRTBackend", "TorchBackend", "make_backend"]
+__all__ = [
+    "BACKENDS", "InferenceBackend", "ModelRef", "OnnxRuntimeBackend", "TensorRTBackend", "TorchBackend", "load_once",
+    "make_backend",
+]
 
 
 @runtime_checkable
@@ -248,3 +253,41 @@ def make_backend(kind: Literal["onnxruntime", "torch", "tensorrt"], device: str 
     if kind == "tensorrt":
         return TensorRTBackend(device=device if device.startswith("cuda") else "cuda")
     raise ValueError(f"unknown inference backend {kind!r}; choose one of {BACKENDS}")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model folder and how to serve it: all a process needs to load the model (picklable, so an
+    off-thread job can carry it to a worker process, which then loads the model once)."""
+
+    model_dir: str
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+    threads: int = 1
+
+
+# Keyed by the checks too: a folder loaded for one family is not handed, unchecked, to another.
+_LOADED: dict[tuple[ModelRef, Callable[[str], ModelFolder]], tuple[ModelFolder, InferenceBackend]] = {}
+_LOADED_LOCK = threading.Lock()
+
+
+def load_once(ref: ModelRef, check_folder: Callable[[str], ModelFolder]) -> tuple[ModelFolder, InferenceBackend]:
+    """(model folder, loaded and warmed-up backend) for ``ref``, loaded once per process.
+
+    ``check_folder(model_dir)`` loads the folder with the family's checks (name, major version,
+    input shapes; :func:`scopestream.models._card.load_model_folder`).
+
+    Raises
+    ------
+    ModelLoadError
+        From ``check_folder`` or the backend, naming the folder and the problem.
+    """
+    with _LOADED_LOCK:
+        hit = _LOADED.get((ref, check_folder))
+        if hit is None:
+            folder = check_folder(ref.model_dir)
+            backend = make_backend(ref.backend, device=ref.device, threads=ref.threads)  # type: ignore[arg-type]
+            backend.load(folder)
+            backend.warm_up(1)
+            hit = _LOADED[ref, check_folder] = (folder, backend)
+        return hit

@@ -14,7 +14,6 @@ track-based ones as a ``diffusion`` row with method ``network`` and window ``sta
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MODEL_MAJOR_VERSION", "MODEL_NAME", "NetworkRef", "StackResult", "default_model_dir", "estimate_stacks", "load_network"]
+from scopestream.models._backends import ModelRef, load_once
+
+__all__ = ["MODEL_MAJOR_VERSION", "MODEL_NAME", "StackResult", "default_model_dir", "estimate_stacks", "load_network"]
 
 MODEL_NAME = "diffusion"
 MODEL_MAJOR_VERSION = 1
@@ -33,21 +34,7 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "models" / "weights" / "diffusion"
 
 
-@dataclass(frozen=True)
-class NetworkRef:
-    """What a worker needs to load the model (picklable)."""
-
-    model_dir: str
-    backend: str
-    device: str
-    threads: int
-
-
-_MODELS: dict[NetworkRef, tuple[Any, Any]] = {}
-_LOCK = threading.Lock()
-
-
-def load_network(ref: NetworkRef) -> tuple[Any, Any]:
+def load_network(ref: ModelRef) -> tuple[Any, Any]:
     """(model folder, loaded and warmed-up backend), once per process.
 
     Raises
@@ -55,22 +42,17 @@ def load_network(ref: NetworkRef) -> tuple[Any, Any]:
     ModelLoadError
         Naming the folder and the problem (missing weights, other version, no onnxruntime, ...).
     """
-    from scopestream.models._backends import make_backend
+    return load_once(ref, _check_folder)
+
+
+def _check_folder(model_dir: str) -> Any:
     from scopestream.models._card import load_model_folder
 
-    with _LOCK:
-        hit = _MODELS.get(ref)
-        if hit is None:
-            folder = load_model_folder(ref.model_dir, name=MODEL_NAME, major_version=MODEL_MAJOR_VERSION)
-            spec = folder.card.input_spec
-            t, s = int(spec.get("frames", 16)), int(spec.get("region_px", 16))
-            load_model_folder(ref.model_dir, name=MODEL_NAME, major_version=MODEL_MAJOR_VERSION,
-                              inputs={"stack": [-1, t, s, s], "blur": [-1, 1]})
-            backend = make_backend(ref.backend, device=ref.device, threads=ref.threads)  # type: ignore[arg-type]
-            backend.load(folder)
-            backend.warm_up(1)
-            hit = _MODELS[ref] = (folder, backend)
-        return hit
+    folder = load_model_folder(model_dir, name=MODEL_NAME, major_version=MODEL_MAJOR_VERSION)
+    spec = folder.card.input_spec
+    t, s = int(spec.get("frames", 16)), int(spec.get("region_px", 16))
+    return load_model_folder(model_dir, name=MODEL_NAME, major_version=MODEL_MAJOR_VERSION,
+                             inputs={"stack": [-1, t, s, s], "blur": [-1, 1]})
 
 
 @dataclass(frozen=True)
@@ -83,7 +65,7 @@ class StackResult:
     job_ms: float
 
 
-def estimate_stacks(ref: NetworkRef, pixels: list[np.ndarray], blur: float) -> StackResult:
+def estimate_stacks(ref: ModelRef, pixels: list[np.ndarray], blur: float) -> StackResult:
     """Off-thread job: the network's ln D and its variance for each window of ``pixels`` (ADU).
 
     Raises

@@ -27,9 +27,7 @@ and run that names the same folder, backend, device and thread count.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,33 +54,10 @@ def shipped_model_dir(camera: str) -> Path:
     return Path(__file__).resolve().parent.parent / "models" / "weights" / f"localize_{camera}"
 
 
-@dataclass(frozen=True)
-class _ModelRef:
-    model_dir: str
-    backend: str
-    device: str
-    threads: int
-
-
-_MODELS: dict[_ModelRef, tuple[Any, Any]] = {}
-_LOCK = threading.Lock()
-
-
-def _model(ref: _ModelRef) -> tuple[Any, Any]:
-    """(model folder, loaded and warmed-up backend) for ``ref``, loaded once per process."""
-    from scopestream.models._backends import make_backend
+def _check_folder(model_dir: str) -> Any:
     from scopestream.models._card import load_model_folder
 
-    with _LOCK:
-        hit = _MODELS.get(ref)
-        if hit is None:
-            folder = load_model_folder(ref.model_dir, name=MODEL_NAME, major_version=MODEL_MAJOR_VERSION)
-            backend = make_backend(ref.backend, device=ref.device, threads=ref.threads)  # type: ignore[arg-type]
-            backend.load(folder)
-            backend.warm_up(1)
-            hit = (folder, backend)
-            _MODELS[ref] = hit
-        return hit
+    return load_model_folder(model_dir, name=MODEL_NAME, major_version=MODEL_MAJOR_VERSION)
 
 
 class NetworkLocalizer:
@@ -109,8 +84,11 @@ class NetworkLocalizer:
     def __init__(self, settings: Any, camera: Any, sigma_px: float, model_dir: str | Path) -> None:
         self.settings = settings
         self.model_dir = Path(model_dir)
-        self.folder, self._backend = _model(
-            _ModelRef(str(self.model_dir), settings.network_backend, settings.network_device, settings.network_threads)
+        from scopestream.models._backends import ModelRef, load_once
+
+        self.folder, self._backend = load_once(
+            ModelRef(str(self.model_dir), settings.network_backend, settings.network_device, settings.network_threads),
+            _check_folder,
         )
         spec = self.folder.card.input_spec
         self.stride_px = int(spec.get("stride_px", 2))

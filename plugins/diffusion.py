@@ -846,16 +846,13 @@ class _NetworkWindows:
         import threading
         from pathlib import Path
 
+        from scopestream.models._backends import ModelRef
         from scopestream.models._card import ModelLoadError
-        from scopestream.plugins._diffusion_network import (
-            NetworkRef,
-            default_model_dir,
-            load_network,
-        )
+        from scopestream.plugins._diffusion_network import default_model_dir, load_network
         from scopestream.plugins.motion import _WindowCutter
 
         model_dir = Path(settings.network_model_dir) if settings.network_model_dir else default_model_dir()
-        self._ref = NetworkRef(str(model_dir), settings.network_backend, settings.network_device, settings.network_threads)
+        self._ref = ModelRef(str(model_dir), settings.network_backend, settings.network_device, settings.network_threads)
         try:
             folder, _ = load_network(self._ref)
         except ModelLoadError as exc:

@@ -54,6 +54,7 @@ from scopestream.daemon._products import (
     TrackWindows,
 )
 from scopestream.daemon._stage import Emission, RunContext, StagePlugin
+from scopestream.models._backends import ModelRef, load_once
 
 __all__ = [
     "INFERENCE_BUCKETS_MS",
@@ -157,44 +158,19 @@ class MotionSkippedBody(BaseModel):
 # -- worker side ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _ModelRef:
-    """What a worker needs to load the model (picklable)."""
-
-    model_dir: str
-    backend: str
-    device: str
-    threads: int
-
-
-_WORKER_MODELS: dict[_ModelRef, tuple[Any, Any]] = {}
-_WORKER_LOCK = threading.Lock()
-
-
-def _model(ref: _ModelRef) -> tuple[Any, Any]:
+def _model(ref: ModelRef) -> tuple[Any, Any]:
     """(model folder, loaded backend) for ``ref``, loaded once per process."""
-    with _WORKER_LOCK:
-        hit = _WORKER_MODELS.get(ref)
-        if hit is None:
-            hit = _load_model(ref)
-            _WORKER_MODELS[ref] = hit
-        return hit
+    return load_once(ref, _check_folder)
 
 
-def _load_model(ref: _ModelRef) -> tuple[Any, Any]:
-    from scopestream.models._backends import make_backend
+def _check_folder(model_dir: str) -> Any:
     from scopestream.models._card import load_model_folder
     from scopestream.models.motion._inputs import FEATURE_NAMES, InputSpec
 
-    folder = load_model_folder(ref.model_dir, name=MODEL_NAME, major_version=MODEL_MAJOR_VERSION,
-                               feature_names=FEATURE_NAMES)
+    folder = load_model_folder(model_dir, name=MODEL_NAME, major_version=MODEL_MAJOR_VERSION, feature_names=FEATURE_NAMES)
     spec = InputSpec(**folder.card.input_spec)
-    load_model_folder(ref.model_dir, name=MODEL_NAME, major_version=MODEL_MAJOR_VERSION,
-                      inputs={"image": [-1, 1, spec.image_px, spec.image_px], "features": [-1, len(FEATURE_NAMES)]})
-    backend = make_backend(ref.backend, device=ref.device, threads=ref.threads)  # type: ignore[arg-type]
-    backend.load(folder)
-    backend.warm_up(1)
-    return folder, backend
+    return load_model_folder(model_dir, name=MODEL_NAME, major_version=MODEL_MAJOR_VERSION,
+                             inputs={"image": [-1, 1, spec.image_px, spec.image_px], "features": [-1, len(FEATURE_NAMES)]})
 
 
 @dataclass(frozen=True)
@@ -205,7 +181,7 @@ class _Result:
     model_version: str
 
 
-def classify_windows(ref: _ModelRef, pixels: Sequence[np.ndarray], positions: Sequence[np.ndarray]) -> _Result:
+def classify_windows(ref: ModelRef, pixels: Sequence[np.ndarray], positions: Sequence[np.ndarray]) -> _Result:
     """Off-thread job: network inputs of each window and the model's probabilities ``(n, 5)``.
 
     Raises
@@ -335,7 +311,7 @@ class MotionStage:
         self._latency_sum_us = 0
         self._last: dict[int, tuple[int, int, str, float]] = {}  # particle -> (start, end, state, p)
         self._context: RunContext | None = None
-        self._ref: _ModelRef | None = None
+        self._ref: ModelRef | None = None
         self._model_version = ""
         self._region_px = 0
         self._cutter: _WindowCutter | None = None
@@ -348,7 +324,7 @@ class MotionStage:
 
         s = self._settings
         model_dir = Path(s.model_dir) if s.model_dir else default_model_dir()
-        ref = _ModelRef(str(model_dir), s.backend, s.device, s.threads)
+        ref = ModelRef(str(model_dir), s.backend, s.device, s.threads)
         try:
             folder, _ = _model(ref)
         except ModelLoadError as exc:

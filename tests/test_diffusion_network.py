@@ -19,16 +19,12 @@ from scopestream.daemon._config import ScopestreamConfig, load_config
 from scopestream.daemon._offload import Offload, ThreadBackend
 from scopestream.daemon._sources import SourceDescription
 from scopestream.daemon._stage import RunContext
+from scopestream.models._backends import ModelRef
 from scopestream.models._card import ModelLoadError, load_model_folder
 from scopestream.models.diffusion._data import DataSettings, StackSet, render_mosaic
 from scopestream.models.diffusion._inputs import StackSpec, stack_input
 from scopestream.plugins._diffusion_mle import METHOD_LABELS
-from scopestream.plugins._diffusion_network import (
-    NetworkRef,
-    default_model_dir,
-    estimate_stacks,
-    load_network,
-)
+from scopestream.plugins._diffusion_network import default_model_dir, estimate_stacks, load_network
 from scopestream.plugins.diffusion import WINDOW_LABELS, DiffusionStage
 
 SHIPPED = default_model_dir()
@@ -46,7 +42,7 @@ def _fresh(blur: float, mosaics: int = 2) -> StackSet:
 
 @pytest.fixture(scope="module")
 def onnx_model() -> tuple:
-    return load_network(NetworkRef(str(SHIPPED), "onnxruntime", "cpu", 1))
+    return load_network(ModelRef(str(SHIPPED), "onnxruntime", "cpu", 1))
 
 
 @pytest.mark.parametrize("blur", [1.0 / 6.0, 0.0])
@@ -113,7 +109,7 @@ def test_the_rotation_average_is_invariant_to_rotating_the_input(onnx_model: tup
 
     from scopestream.models._registry import create_model
 
-    folder, _ = load_network(NetworkRef(str(SHIPPED), "onnxruntime", "cpu", 1))
+    folder, _ = load_network(ModelRef(str(SHIPPED), "onnxruntime", "cpu", 1))
     net = create_model("stack_cnn", **folder.card.architecture_config)
     net.load_state_dict(torch.load(folder.file("torch"), weights_only=True))
     with torch.inference_mode():
@@ -123,7 +119,7 @@ def test_the_rotation_average_is_invariant_to_rotating_the_input(onnx_model: tup
 
 
 def test_estimate_stacks_names_a_bad_window() -> None:
-    ref = NetworkRef(str(SHIPPED), "onnxruntime", "cpu", 1)
+    ref = ModelRef(str(SHIPPED), "onnxruntime", "cpu", 1)
     with pytest.raises(ValueError, match="shape"):
         estimate_stacks(ref, [np.zeros((8, 16, 16), np.float32)], 0.0)
     bad = np.zeros((16, 16, 16), np.float32)
@@ -271,7 +267,7 @@ def test_train_writes_a_loadable_model_folder_and_report(tmp_path: Path) -> None
     assert "never used in training" in md and "| R | D bin" in md
     assert (tmp_path / "report.md").is_file() and (tmp_path / "curves.png").is_file() and (tmp_path / "test.png").is_file()
     assert (tmp_path / "model" / "curves.png").is_file() and (tmp_path / "model" / "test.png").is_file()
-    _, backend = load_network(NetworkRef(str(tmp_path / "model"), "onnxruntime", "cpu", 1))
+    _, backend = load_network(ModelRef(str(tmp_path / "model"), "onnxruntime", "cpu", 1))
     res = backend.run({"stack": np.zeros((2, 16, 16, 16), np.float32), "blur": np.zeros((2, 1), np.float32)})
     assert res["log_D"].shape == (2, 1) and np.isfinite(res["log_var"]).all()
 
@@ -299,3 +295,16 @@ def test_analyze_writes_network_rows_to_diffusion_csv(tmp_path: Path) -> None:
     assert len(net) >= 4 and {r["window"] for r in net} == {"stack"}
     assert {r["method"] for r in rows if r["window"] == "track"} <= {"mle", "mle_scaled", "mle_joint", "cve"}
     assert all(float(r["D_um2_per_s"]) > 0 for r in net)
+
+
+def test_a_model_loaded_for_one_family_is_not_handed_to_another() -> None:
+    """Models are loaded once per process (models._backends.load_once); the cache is keyed by the
+    family's checks too, so the motion folder, once loaded by the motion stage, is still refused
+    as a diffusion network."""
+    from scopestream.plugins.motion import _model as motion_model
+
+    ref = ModelRef(str(SHIPPED.parent / "motion"), "onnxruntime", "cpu", 1)
+    folder, _ = motion_model(ref)
+    assert folder.card.name == "motion"
+    with pytest.raises(ModelLoadError, match="holds model 'motion'"):
+        load_network(ref)
