@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["CARD_FORMAT_VERSION", "ModelCard", "ModelFolder", "ModelLoadError", "TensorSpec", "load_model_folder", "sha256_file"]
+__all__ = ["CARD_FORMAT_VERSION", "source_commit", "ModelCard", "ModelFolder", "ModelLoadError", "TensorSpec", "load_model_folder", "sha256_file"]
 
 CARD_FORMAT_VERSION = 1
 
@@ -160,3 +161,16 @@ def load_model_folder(
         if expected and sha256_file(file_path) != expected:
             raise ModelLoadError(f"{card_path}: {file_path} does not match the card's SHA-256 (altered or truncated)")
     return ModelFolder(folder, card)
+
+
+def source_commit() -> str:
+    """HEAD of the checkout this code runs from, with ``+dirty`` when tracked files have uncommitted
+    changes, or ``unknown`` outside a git checkout: the card's ``commit``."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True, cwd=here).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from scopestream.models._card import ModelCard, TensorSpec, sha256_file
+from scopestream.models._card import ModelCard, TensorSpec, sha256_file, source_commit
+from scopestream.models.cli import progress_bar
 from scopestream.models.diffusion._data import BLURS, DataSettings, StackSet, generate
 from scopestream.models.diffusion._inputs import StackSpec, stack_input
-from scopestream.models.motion._train import _git_commit
 
 __all__ = ["MODEL_NAME", "MODEL_VERSION", "TrainSettings", "evaluate", "predict", "train_diffusion"]
 
@@ -58,11 +58,6 @@ class TrainSettings:
     spec: StackSpec = field(default_factory=StackSpec)
     data: DataSettings = field(default_factory=DataSettings)
 
-
-def _tqdm(progress: bool, **kw: Any) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(disable=not progress, **kw)
 
 
 def predict(model: Any, stacks: np.ndarray, blur: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +132,7 @@ def train_model(train: StackSet, val: StackSet, settings: TrainSettings,
     ckpt = settings.out / "checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)
     best, best_state = math.inf, None
-    with _tqdm(settings.progress, total=settings.epochs, desc="train stack_cnn", unit="epoch") as bar:
+    with progress_bar(settings.progress, total=settings.epochs, desc="train stack_cnn", unit="epoch") as bar:
         for _epoch in range(settings.epochs):
             model.train()
             order = torch.randperm(len(train), generator=generator)
@@ -296,7 +291,7 @@ def train_diffusion(settings: TrainSettings, log: Callable[[str], None] = print)
     sets = []
     for name, seed, n in (("train", settings.seed, settings.train_mosaics),
                           ("test", TEST_SEED_OFFSET + settings.seed, settings.test_mosaics)):
-        with _tqdm(settings.progress, total=n, desc=f"simulate {name}", unit="mosaic") as bar:
+        with progress_bar(settings.progress, total=n, desc=f"simulate {name}", unit="mosaic") as bar:
             sets.append(generate(seed, n, settings.spec, settings.data, progress=bar.update))
         log(f"{name}: {len(sets[-1])} stacks from {n} mosaics (seed {seed})")
     train_all, test = sets
@@ -320,7 +315,7 @@ def train_diffusion(settings: TrainSettings, log: Callable[[str], None] = print)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float) + "\n")
     report = [
         "# Diffusion network training report", "", f"Command: `{settings.command}`",
-        f"Seed {settings.seed}; commit {_git_commit()}; {platform.node()} ({platform.machine()}), torch threads {settings.threads}.",
+        f"Seed {settings.seed}; commit {source_commit()}; {platform.node()} ({platform.machine()}), torch threads {settings.threads}.",
         f"Data: {len(train)} training, {len(val)} validation, {len(test)} test stacks (test seed "
         f"{TEST_SEED_OFFSET + settings.seed}); simulation {t_data:.0f} s; training {train_s:.0f} s; total {total_s:.0f} s.", "",
         "## Test figures", "", table, "",
@@ -330,7 +325,7 @@ def train_diffusion(settings: TrainSettings, log: Callable[[str], None] = print)
     (out / "report.md").write_text("\n".join(report))
     card_extra = {
         "training": {
-            "command": settings.command, "seed": settings.seed, "commit": _git_commit(), "train_stacks": len(train),
+            "command": settings.command, "seed": settings.seed, "commit": source_commit(), "train_stacks": len(train),
             "val_stacks": len(val), "test_stacks": len(test), "test_seed": TEST_SEED_OFFSET + settings.seed,
             "epochs": settings.epochs, "time_s": total_s, "train_s": train_s, "data_s": t_data,
             "threads": settings.threads, "machine": f"{platform.node()} {sys.platform}", "data": settings.data.to_dict(),

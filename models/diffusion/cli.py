@@ -11,12 +11,11 @@ Gaussian NLL), writes a report (``report.md``, ``metrics.json``, PNG figures) an
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 from scopestream.daemon._errors import InputError
+from scopestream.models.cli import check_at_least, command_line, require_train_extra
 
 
 def add_diffusion_parser(sub: Any) -> None:
@@ -37,24 +36,15 @@ def add_diffusion_parser(sub: Any) -> None:
 
 
 def _cmd_train_diffusion(args: argparse.Namespace) -> int:
-    for name, value, low in (("--train-mosaics", args.train_mosaics, 1), ("--test-mosaics", args.test_mosaics, 1),
+    check_at_least((("--train-mosaics", args.train_mosaics, 1), ("--test-mosaics", args.test_mosaics, 1),
                              ("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 2),
-                             ("--threads", args.threads, 1), ("--channels", args.channels, 2)):
-        if value < low:
-            raise InputError(f"{name} must be at least {low}, got {value}")
+                             ("--threads", args.threads, 1), ("--channels", args.channels, 2)))
     if not args.lr > 0:
         raise InputError(f"--lr must be positive, got {args.lr}")
-    try:
-        import matplotlib  # noqa: F401
-        import onnx  # noqa: F401
-        import torch  # noqa: F401
-        import tqdm  # noqa: F401
-    except ImportError as exc:
-        raise InputError(f"`scopestream train` needs the train extra ({exc.name} is missing): pip install 'scopestream[train]'") from None
+    require_train_extra()
     from scopestream.models.diffusion._train import TrainSettings, train_diffusion
 
-    command = "scopestream " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["train"] else \
-        f"scopestream train diffusion --out {args.out} --seed {args.seed}"
+    command = command_line(f"scopestream train diffusion --out {args.out} --seed {args.seed}")
     settings = TrainSettings(
         out=args.out, seed=args.seed, train_mosaics=args.train_mosaics, test_mosaics=args.test_mosaics,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, channels=args.channels,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +25,8 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from scopestream.models._card import ModelCard, TensorSpec, sha256_file
+from scopestream.models._card import ModelCard, TensorSpec, sha256_file, source_commit
+from scopestream.models.cli import progress_bar
 from scopestream.models.localize._data import (
     SCENE_RANGES,
     SNR_IGNORE,
@@ -78,28 +78,13 @@ class TrainSettings:
         return float(2 * STRIDE_PX if self.dense_offsets else STRIDE_PX)
 
 
-def _tqdm(progress: bool, **kw: Any) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(disable=not progress, **kw)
-
-
-def _git_commit() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True, cwd=here).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 def _simulate(settings: TrainSettings, n: int, seed: int, name: str) -> FrameSet:
     # The heavy-blur weighting is for the training set only: validation and test keep the card's
     # scene ranges, so their figures compare across models.
     blur = settings.heavy_blur_fraction if name == "train" else 0.0
-    with _tqdm(settings.progress, total=n, desc=f"simulate {name}", unit="frame") as bar:
+    with progress_bar(settings.progress, total=n, desc=f"simulate {name}", unit="frame") as bar:
         return simulate_set(settings.camera, n, seed, size_px=settings.size_px, progress=bar.update,
                             heavy_blur_fraction=blur, dense_offsets=settings.dense_offsets)
 
@@ -407,7 +392,7 @@ def train_localize(settings: TrainSettings, log: Callable[[str], None] = print) 
     torch.manual_seed(settings.seed)
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
-    commit = _git_commit()  # before training: the code that trains, not later edits
+    commit = source_commit()  # before training: the code that trains, not later edits
     t0 = time.perf_counter()
     train = _simulate(settings, settings.train_frames, settings.seed, "train")
     val = _simulate(settings, settings.val_frames, VAL_SEED_OFFSET + settings.seed, "validation")
@@ -425,7 +410,7 @@ def train_localize(settings: TrainSettings, log: Callable[[str], None] = print) 
     gen = torch.Generator().manual_seed(settings.seed)
     curves: dict[str, list[float]] = {k: [] for k in ("train_loss", "val_loss", "val_recall", "val_precision", "val_rmse_px")}
     t1 = time.perf_counter()
-    with _tqdm(settings.progress, total=settings.epochs, desc=f"train localize {settings.camera}", unit="epoch") as bar:
+    with progress_bar(settings.progress, total=settings.epochs, desc=f"train localize {settings.camera}", unit="epoch") as bar:
         for _epoch in range(settings.epochs):
             model.train()
             perm = torch.randperm(len(train.images), generator=gen)

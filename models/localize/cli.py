@@ -10,12 +10,11 @@ report (``report.md``, ``metrics.json``, curves, calibration and example figures
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 from scopestream.daemon._errors import InputError
+from scopestream.models.cli import check_at_least, command_line, require_train_extra
 
 
 def add_localize_parser(sub: Any) -> None:
@@ -47,11 +46,9 @@ def add_localize_parser(sub: Any) -> None:
 
 
 def _cmd_train_localize(args: argparse.Namespace) -> int:
-    for name, value, low in (("--train-frames", args.train_frames, 64), ("--test-frames", args.test_frames, 1),
+    check_at_least((("--train-frames", args.train_frames, 64), ("--test-frames", args.test_frames, 1),
                              ("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
-                             ("--channels", args.channels, 1), ("--threads", args.threads, 1), ("--size", args.size_px, 16)):
-        if value < low:
-            raise InputError(f"{name} must be at least {low}, got {value}")
+                             ("--channels", args.channels, 1), ("--threads", args.threads, 1), ("--size", args.size_px, 16)))
     nms = args.nms_cells if args.nms_cells is not None else (5 if args.camera == "scanning" else 3)
     if nms < 1 or nms % 2 == 0:
         raise InputError(f"--nms-cells must be a positive odd number, got {nms}")
@@ -61,17 +58,10 @@ def _cmd_train_localize(args: argparse.Namespace) -> int:
         raise InputError(f"--heavy-blur-fraction must be within [0, 1], got {blur}")
     if args.size_px % 4:
         raise InputError(f"--size must be a multiple of 4 (the network's input multiple), got {args.size_px}")
-    try:
-        import matplotlib  # noqa: F401
-        import onnx  # noqa: F401
-        import torch  # noqa: F401
-        import tqdm  # noqa: F401
-    except ImportError as exc:
-        raise InputError(f"`scopestream train` needs the train extra ({exc.name} is missing): pip install 'scopestream[train]'") from None
+    require_train_extra()
     from scopestream.models.localize._train import TrainSettings, train_localize
 
-    command = "scopestream " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["train"] else \
-        f"scopestream train localize --camera {args.camera} --out {args.out} --seed {args.seed}"
+    command = command_line(f"scopestream train localize --camera {args.camera} --out {args.out} --seed {args.seed}")
     settings = TrainSettings(
         camera=args.camera, out=args.out, seed=args.seed, train_frames=args.train_frames, test_frames=args.test_frames,
         size_px=args.size_px, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, channels=args.channels,

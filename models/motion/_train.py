@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from scopestream.daemon._products import MOTION_STATES
-from scopestream.models._card import ModelCard, TensorSpec, sha256_file
+from scopestream.models._card import ModelCard, TensorSpec, sha256_file, source_commit
+from scopestream.models.cli import progress_bar
 from scopestream.models.motion._data import Dataset, DataSettings, concatenate, load_or_generate
 from scopestream.models.motion._evaluate import (
     binned_accuracy,
@@ -69,11 +69,6 @@ class TrainSettings:
     data: DataSettings = field(default_factory=DataSettings)
 
 
-def _tqdm(progress: bool, **kw: Any) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(disable=not progress, **kw)
-
 
 def build_sets(settings: TrainSettings, log: Callable[[str], None] = print) -> tuple[Dataset, Dataset]:
     """The training and test sets (from the cache where they exist), in chunks of movies."""
@@ -82,7 +77,7 @@ def build_sets(settings: TrainSettings, log: Callable[[str], None] = print) -> t
     for name, seed, n in (("train", settings.seed, settings.movies_per_state),
                           ("test", TEST_SEED_OFFSET + settings.seed, settings.test_movies_per_state)):
         parts = []
-        with _tqdm(settings.progress, total=n * len(MOTION_STATES), desc=f"simulate {name}", unit="movie") as bar:
+        with progress_bar(settings.progress, total=n * len(MOTION_STATES), desc=f"simulate {name}", unit="movie") as bar:
             for first in range(0, n, CHUNK_MOVIES):
                 count = min(CHUNK_MOVIES, n - first)
                 parts.append(load_or_generate(
@@ -152,7 +147,7 @@ def train_one(name: str, train: Dataset, val: Dataset, settings: TrainSettings,
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     best_acc, best_state = -1.0, None
     uses_image = name != "track_mlp"
-    with _tqdm(settings.progress, total=settings.epochs, desc=f"train {name}", unit="epoch") as bar:
+    with progress_bar(settings.progress, total=settings.epochs, desc=f"train {name}", unit="epoch") as bar:
         for _epoch in range(settings.epochs):
             model.train()
             order = torch.randperm(len(train), generator=generator)
@@ -220,17 +215,6 @@ def evaluate(probs: np.ndarray, test: Dataset) -> dict[str, Any]:
         out[f"K{k}_resolvable"] = classification_figures(test.labels[sel][moving], pred[sel][moving])
     return out
 
-
-def _git_commit() -> str:
-    """HEAD of the checkout this code runs from, with ``+dirty`` when it has uncommitted changes."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True, cwd=here).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 def _plot(curves: dict[str, dict[str, list[float]]], figures: dict[str, dict[str, Any]], out: Path) -> list[str]:
@@ -394,7 +378,7 @@ def train_motion(settings: TrainSettings, log: Callable[[str], None] = print) ->
             bins_md.append(f"- {name} K{k_long} {key}: {cells}")
     report = [
         "# Motion-state training report", "",
-        f"Command: `{settings.command}`", f"Seed {settings.seed}; commit {_git_commit()}; "
+        f"Command: `{settings.command}`", f"Seed {settings.seed}; commit {source_commit()}; "
         f"{platform.node()} ({platform.processor() or platform.machine()}), torch threads {settings.threads}.",
         f"Data: {len(train)} training, {len(val)} validation, {len(test)} test windows; simulation+tracking "
         f"{t_data:.0f} s (cache: {settings.cache_dir}); training " + ", ".join(f"{n} {s:.0f} s" for n, s in train_s.items())
@@ -412,7 +396,7 @@ def train_motion(settings: TrainSettings, log: Callable[[str], None] = print) ->
         ship = figures[settings.ship]
         card_extra = {
             "training": {
-                "command": settings.command, "seed": settings.seed, "commit": _git_commit(),
+                "command": settings.command, "seed": settings.seed, "commit": source_commit(),
                 "train_movies_per_state": settings.movies_per_state, "train_windows": len(train),
                 "val_windows": len(val), "test_windows": len(test), "test_seed": TEST_SEED_OFFSET + settings.seed,
                 "epochs": settings.epochs, "time_s": total_s, "train_s": train_s.get(settings.ship),

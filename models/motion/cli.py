@@ -11,12 +11,11 @@ Needs the ``train`` extra (torch, tqdm, matplotlib).
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 from scopestream.daemon._errors import InputError
+from scopestream.models.cli import check_at_least, command_line, require_train_extra
 
 
 def add_motion_parser(sub: Any) -> None:
@@ -46,11 +45,9 @@ def add_motion_parser(sub: Any) -> None:
 
 
 def _cmd_train_motion(args: argparse.Namespace) -> int:
-    for name, value, low in (("--samples-per-class", args.movies_per_state, 1), ("--test-samples-per-class", args.test_movies_per_state, 1),
+    check_at_least((("--samples-per-class", args.movies_per_state, 1), ("--test-samples-per-class", args.test_movies_per_state, 1),
                              ("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 1),
-                             ("--threads", args.threads, 1), ("--channels", args.channels, 1), ("--subpixels", args.subpixels, 1)):
-        if value < low:
-            raise InputError(f"{name} must be at least {low}, got {value}")
+                             ("--threads", args.threads, 1), ("--channels", args.channels, 1), ("--subpixels", args.subpixels, 1)))
     k_long, k_short = args.k_frames
     if not (10 <= k_short <= k_long) or k_long % k_short:
         raise InputError(f"--k-frames needs 10 <= K_SHORT <= K_LONG with K_LONG a multiple of K_SHORT, got {k_long} {k_short}")
@@ -61,17 +58,11 @@ def _cmd_train_motion(args: argparse.Namespace) -> int:
         raise InputError(f"unknown model(s) {unknown}; models are {list_models()}")
     if args.ship not in args.models:
         raise InputError(f"--ship {args.ship!r} is not among --models {args.models}")
-    try:
-        import matplotlib  # noqa: F401
-        import torch  # noqa: F401
-        import tqdm  # noqa: F401
-    except ImportError as exc:
-        raise InputError(f"`scopestream train` needs the train extra ({exc.name} is missing): pip install 'scopestream[train]'") from None
+    require_train_extra()
     from scopestream.models.motion._inputs import InputSpec
     from scopestream.models.motion._train import TrainSettings, train_motion
 
-    command = "scopestream " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["train"] else \
-        f"scopestream train motion --out {args.out} --seed {args.seed} --samples-per-class {args.movies_per_state}"
+    command = command_line(f"scopestream train motion --out {args.out} --seed {args.seed} --samples-per-class {args.movies_per_state}")
     settings = TrainSettings(
         out=args.out, seed=args.seed, movies_per_state=args.movies_per_state,
         test_movies_per_state=args.test_movies_per_state, epochs=args.epochs, batch_size=args.batch_size,
