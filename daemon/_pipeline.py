@@ -94,6 +94,10 @@ class Pipeline:
         self.stages: list[Stage] = [
             build_stage(plugins[name], config, config.stage_settings(name)) for name in config.stages
         ]
+        # Stages that batch waiting frames (checked once: a runtime Protocol check is not free per frame).
+        self._looks_ahead: list[tuple[str, LooksAhead]] = [
+            (stage.name, stage) for stage in self.stages if isinstance(stage, LooksAhead)
+        ]
         self._by_name = {plugin_name: stage for plugin_name, stage in zip(config.stages, self.stages, strict=True)}
         self._router = router
         self._accounting = accounting
@@ -166,24 +170,24 @@ class Pipeline:
     @property
     def look_ahead_frames(self) -> int:
         """The most frames the stage thread takes at once when behind (1: no stage batches)."""
-        return max([1] + [int(s.look_ahead_frames) for s in self.stages if isinstance(s, LooksAhead)])
+        return max([1] + [int(stage.look_ahead_frames) for _, stage in self._looks_ahead])
 
     def look_ahead(self, frames: Sequence[Frame]) -> None:
         """Let the :class:`LooksAhead` stages prepare ``frames`` in one batch (never raises: a
         failure is reported, and ``process`` then does the work frame by frame)."""
         if len(frames) < 2:
             return
-        for stage in self.stages:
-            if not isinstance(stage, LooksAhead) or stage.look_ahead_frames < 2:
+        for name, stage in self._looks_ahead:
+            if stage.look_ahead_frames < 2:
                 continue
             t0 = time.perf_counter()
             try:
                 stage.look_ahead(frames[: stage.look_ahead_frames])
             except Exception as exc:  # noqa: BLE001 - the frames are still processed one by one
-                self.report(stage.name, exc, frames[0], what="look_ahead")
+                self.report(name, exc, frames[0], what="look_ahead")
             finally:
                 if self._metrics is not None:
-                    self._metrics.stage_latency.labels(stage.name).observe(time.perf_counter() - t0)
+                    self._metrics.stage_latency.labels(name).observe(time.perf_counter() - t0)
 
     def process(self, frame: Frame) -> None:
         """Run every stage on ``frame``, publishing what each returns; never raises for a stage."""

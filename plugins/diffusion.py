@@ -54,8 +54,11 @@ only moves products and emissions.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -843,12 +846,14 @@ class _NetworkWindows:
     :mod:`scopestream.plugins._diffusion_network`."""
 
     def __init__(self, settings: DiffusionSettings, estimator: DiffusionEstimator, context: RunContext) -> None:
-        import threading
-        from pathlib import Path
-
+        # Imported here: runs without method 'network' import no model code.
         from scopestream.models._backends import ModelRef
         from scopestream.models._card import ModelLoadError
-        from scopestream.plugins._diffusion_network import default_model_dir, load_network
+        from scopestream.plugins._diffusion_network import (
+            default_model_dir,
+            estimate_stacks,
+            load_network,
+        )
         from scopestream.plugins.motion import _WindowCutter
 
         model_dir = Path(settings.network_model_dir) if settings.network_model_dir else default_model_dir()
@@ -872,6 +877,7 @@ class _NetworkWindows:
         self._settings = settings
         self._estimator = estimator
         self._context = context
+        self._estimate_stacks = estimate_stacks  # the off-thread job (module-level, picklable)
         self._lock = threading.Lock()  # on_done / on_fail run on the housekeeping thread
         self._counts = {name: 0 for name in (
             "diffusion_network_windows_submitted", "diffusion_network_windows_done", "diffusion_network_windows_busy",
@@ -880,10 +886,6 @@ class _NetworkWindows:
 
     def submit(self, frame: Frame, upd: TrackUpdate) -> None:
         """Cut this frame's completed windows and send each to the off-thread service."""
-        from functools import partial
-
-        from scopestream.plugins._diffusion_network import estimate_stacks
-
         windows = self._cutter.update(frame, upd)
         for w in windows.windows:
             detected = np.isfinite(w.positions_px).all(axis=1)
@@ -898,7 +900,7 @@ class _NetworkWindows:
                 continue
             key = (w.particle, w.frame_start, w.frame_end, int(detected.sum()))
             accepted = self._context.offload.submit(
-                "diffusion", estimate_stacks, self._ref, [w.pixels], float(self._estimator.blur),
+                "diffusion", self._estimate_stacks, self._ref, [w.pixels], float(self._estimator.blur),
                 on_done=partial(self._on_done, key, frame.t_acquired), on_fail=partial(self._on_fail, key),
                 max_in_flight=self._settings.network_max_pending, block=not self._settings.network_skip_when_busy,
             )

@@ -192,6 +192,7 @@ class _Batcher:
     name = "batcher_test"
     look_ahead_frames = 4
     instances: list[_Batcher] = []
+    fail = False  # look_ahead raises (after recording the batch)
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
@@ -204,6 +205,8 @@ class _Batcher:
 
     def look_ahead(self, frames: Sequence[Frame]) -> None:
         self.batches.append([f.seq for f in frames])
+        if self.fail:
+            raise RuntimeError("batch inference failed")
         self.prepared.update(f.seq for f in frames)
 
     def process(self, frame: Frame, products: Products) -> Sequence[Emission]:
@@ -219,6 +222,15 @@ register_stage_plugin(StagePlugin("bad_setup_test", _Settings, lambda c, s: _Bad
 register_stage_plugin(StagePlugin("garbage_test", _Settings, lambda c, s: _Garbage(), topics={"level": _Level}))
 register_stage_plugin(StagePlugin("wants_test", _Settings, lambda c, s: _Wants(), consumes=(MotionStates,)))
 register_stage_plugin(StagePlugin("batcher_test", _Settings, lambda c, s: _Batcher()))
+
+
+def _failing_batcher() -> _Batcher:
+    stage = _Batcher()
+    stage.name, stage.fail = "failing_batcher_test", True
+    return stage
+
+
+register_stage_plugin(StagePlugin("failing_batcher_test", _Settings, lambda c, s: _failing_batcher()))
 register_stage_plugin(StagePlugin("sleepy_test", _Settings, lambda c, s: _Slow()))
 register_stage_plugin(StagePlugin("offloader_test", _Settings, lambda c, s: _Offloader(), topics={"level": _Level}))
 
@@ -652,3 +664,22 @@ def test_a_stage_that_looks_ahead_gets_the_waiting_frames_in_batches_and_process
     batched = {seq for batch in stage.batches for seq in batch}
     assert all(prepared == (seq in batched) for seq, prepared in stage.processed)
     assert daemon.runner.accounting.snapshot().processed == 80
+
+
+def test_a_failing_look_ahead_is_a_stage_error_and_every_frame_is_still_processed(
+    tmp_path: Path, make_config: Callable[..., ScopestreamConfig], daemons: list[Daemon]
+) -> None:
+    """look_ahead raising is reported once per batch (stage_errors) and the frames are then
+    processed one by one as if no batch had been offered."""
+    write_stack(tmp_path / "s.tif", 60, shape=(16, 16))
+    _Batcher.instances.clear()
+    config = make_config("source.kind=file", f"source.file_path={tmp_path / 's.tif'}", "stages=[failing_batcher_test]")
+    daemon = Daemon(config)
+    daemons.append(daemon)
+    daemon.start()
+    assert daemon.wait(30)
+    (stage,) = _Batcher.instances
+    assert [seq for seq, _ in stage.processed] == list(range(60))
+    assert stage.batches and not any(prepared for _, prepared in stage.processed)
+    counts = daemon.runner.accounting.snapshot()
+    assert counts.processed == 60 and counts.stage_errors == {"failing_batcher_test": len(stage.batches)}
