@@ -35,6 +35,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from scopestream.daemon._products import Localizations
+from scopestream.models.localize._inputs import decode, normalize_photons, pad_to_multiple
 from scopestream.plugins._gaussian_mle import (
     _border_background,
     fit_mle,
@@ -171,8 +172,6 @@ class NetworkLocalizer:
 
     def _network_input(self, photons: np.ndarray) -> np.ndarray:
         """The network's normalized input of one frame, padded to the input multiple."""
-        from scopestream.models.localize._inputs import normalize_photons, pad_to_multiple
-
         return pad_to_multiple(normalize_photons(photons, self._read_variance), self.multiple_px)
 
     def run_batch(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray] | None]:
@@ -206,8 +205,6 @@ class NetworkLocalizer:
         ValueError
             If the frame has no finite pixel or is smaller than the network's input multiple.
         """
-        from scopestream.models.localize._inputs import decode
-
         s = self.settings
         h, w = image.shape
         photons, bad = self._prepare(image)
