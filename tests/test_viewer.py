@@ -230,8 +230,10 @@ def test_live_widget_on_a_running_daemon(
         return next((w for w in state.snapshot().musical or []
                      if "MUSICAL " + w.key == name and np.array_equal(w.image, layers[name].data)), None)
 
-    spin(qt_app, lambda: shown_window() is not None, 10, "the MUSICAL layer to show a window of the state")
-    window = shown_window()
+    seen: list[Any] = []  # the window found while spinning (asked again, the stream may have moved on)
+    spin(qt_app, lambda: (w := shown_window()) is not None and not seen.append(w), 10,
+         "the MUSICAL layer to show a window of the state")
+    window = seen[0]
     assert tuple(layers[name].translate) == window.translate and tuple(layers[name].scale) == window.scale
     peak = np.unravel_index(np.argmax(window.image), window.image.shape)
     wy, wx = layers[name].data_to_world(peak)
